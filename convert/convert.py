@@ -1,0 +1,92 @@
+"""Checkpoint (HF folder, hub id or GGUF) -> MLX folder with linearized attention."""
+
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.utils import quantize_model, save_config, save_model
+
+from mlx_linear.errors import UserError
+from mlx_linear.model import Linearization, base_architecture
+from mlx_linear.utils import atomic_output, get_model_classes
+
+from . import hf
+from .bundled import bundled_gguf
+from .gguf import read_gguf
+
+MODEL_FILE = "mlx_linear_model.py"
+MODEL_FILE_SOURCE = '''"""Written by mlx-linear: lets stock mlx-lm load this folder (--trust-remote-code)."""
+
+from mlx_linear.model import Model, ModelArgs  # noqa: F401
+'''
+
+
+def read_source(hf_source=None, gguf=None):
+    """(config, weights, tokenizer, dtype, source folder or None)."""
+    if hf_source and gguf:
+        raise UserError("pass either --hf or --gguf, not both")
+    if hf_source:
+        folder = hf.resolve(hf_source)
+        return (*hf.read_hf(folder), folder)
+    config, weights, tokenizer = read_gguf(gguf or bundled_gguf())
+    return config, weights, tokenizer, mx.float16, None
+
+
+def build_model(config, weights):
+    try:
+        base_architecture(config.get("model_type", "?"))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    model_class, args_class = get_model_classes(config)
+    model = model_class(args_class.from_dict(config))
+    try:
+        model.load_weights(list(model.sanitize(weights).items()), strict=True)
+    except ValueError as e:
+        raise UserError(f"the weights do not fit the {config['model_type']} config: {e}") from e
+    return model
+
+
+def convert(
+    output,
+    hf_source=None,
+    gguf=None,
+    method="liger-gla",
+    window=64,
+    full_attention_every=0,
+    quantize=False,
+    q_bits=4,
+    q_group_size=64,
+    dtype=None,
+    force=False,
+    log=print,
+):
+    """Write a converted model to `output`; returns its path. `method="none"` keeps softmax."""
+    start = time.perf_counter()
+    if Path(output).exists() and not force:
+        raise UserError(f"{output} already exists: pass --force to replace it, or choose another -o")
+    log(f"reading {hf_source or gguf or 'the bundled SmolLM2-135M-Instruct GGUF'}")
+    config, weights, tokenizer, source_dtype, folder = read_source(hf_source, gguf)
+    if method != "none":
+        config["linearization"] = asdict(Linearization(method, window, full_attention_every))
+    log(f"building {config['model_type']} ({len(weights)} tensors), method {method}")
+    model = build_model(config, weights)
+    dtype = dtype or source_dtype
+    model.set_dtype(dtype)
+    config["torch_dtype"] = str(dtype).split(".")[-1]
+    if quantize:
+        log(f"quantizing to {q_bits} bits, group size {q_group_size}")
+        model, config = quantize_model(model, config, q_group_size, q_bits)
+    with atomic_output(output, force) as tmp:
+        log(f"writing {output}")
+        save_model(tmp, model, donate_model=True)
+        if method != "none":
+            config["model_file"] = MODEL_FILE
+            (tmp / MODEL_FILE).write_text(MODEL_FILE_SOURCE)
+        save_config(config, tmp / "config.json")
+        tokenizer.save_pretrained(str(tmp))
+        if folder is not None and (folder / "generation_config.json").is_file():
+            shutil.copy(folder / "generation_config.json", tmp)
+    log(f"done in {time.perf_counter() - start:.1f}s: {output}")
+    return Path(output)

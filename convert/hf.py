@@ -1,0 +1,66 @@
+"""Hugging Face checkpoints: a hub id (downloaded when online) or a local folder."""
+
+import glob
+import json
+import re
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_linear.errors import UserError
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+DOWNLOAD_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def resolve(source: str) -> Path:
+    """A local folder as is; a hub id through huggingface_hub."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} is not a Hugging Face model folder: it needs config.json and model*.safetensors")
+        return path
+    if not HUB_ID.match(source) or source.startswith((".", "/", "~")):
+        raise UserError(f"{source}: no such folder, and not a hub id like org/name")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, allow_patterns=DOWNLOAD_PATTERNS))
+    except Exception as e:
+        raise UserError(
+            f"cannot download {source} from the Hugging Face Hub ({type(e).__name__}; offline?): "
+            "download it on a connected machine and pass the folder to --hf"
+        ) from None
+
+
+def read_weights(folder: Path) -> dict:
+    files = sorted(glob.glob(str(folder / "model*.safetensors")))
+    if not files:
+        hint = " (.bin checkpoints: re-save them as safetensors)" if list(folder.glob("*.bin")) else ""
+        raise UserError(f"no model*.safetensors in {folder}{hint}")
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(f))
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"corrupt weights file {f} ({e}): download it again") from e
+    return weights
+
+
+def read_hf(folder: Path):
+    """(config, weights, tokenizer, dtype) from a local HF folder."""
+    from transformers import AutoTokenizer
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{folder / 'config.json'} is not valid JSON ({e})") from e
+    config = config.get("text_config", config) if "model_type" not in config else config
+    dtype = DTYPES.get(config.get("torch_dtype") or config.get("dtype"), mx.float16)
+    weights = read_weights(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise UserError(f"cannot read the tokenizer in {folder} ({type(e).__name__}: {e}): add tokenizer.json") from e
+    return config, weights, tokenizer, dtype

@@ -1,0 +1,29 @@
+"""Load the system OpenBLAS before MLX on Linux.
+
+MLX's Linux CPU wheel links a reference BLAS; preloading OpenBLAS with RTLD_GLOBAL makes
+MLX's float32 matmul resolve to it (measured 5.7 -> 200 GFLOP/s on a 2-core x86 box).
+"""
+
+import ctypes
+import os
+import sys
+
+CANDIDATES = ("libopenblas.so.0", "libopenblas.so")
+
+
+def use_system_blas() -> str | None:
+    """Preload OpenBLAS if present; returns the library loaded, or None."""
+    if not sys.platform.startswith("linux") or os.environ.get("MLX_LINEAR_BLAS") == "0":
+        return None
+    if "mlx.core" in sys.modules:
+        return None  # too late: MLX already resolved its BLAS symbols
+    for name in CANDIDATES:
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            return name
+        except OSError:
+            continue
+    return None
+
+
+LOADED = use_system_blas()

@@ -1,0 +1,73 @@
+"""Liger Attention: a linearized branch mixed with a sliding-window softmax branch.
+
+The module takes over the pretrained projections (and Qwen3 q/k norms, RoPE) of an mlx-lm
+attention block under the same weight names, so checkpoints load unchanged.
+"""
+
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .window import sliding_window_attention
+
+PRETRAINED = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
+
+
+def keep_last(cache, size):
+    """Drop what a multi-token RotatingKVCache update keeps beyond `size` entries.
+
+    mlx-lm keeps max_size + L - 1 keys after a prefill of L; the window needs only `size`.
+    """
+    if cache.keys is not None and cache.keys.shape[2] > size:
+        cache.keys = mx.contiguous(cache.keys[..., -size:, :])
+        cache.values = mx.contiguous(cache.values[..., -size:, :])
+        cache._idx = size
+
+
+class LinearizedAttention(nn.Module):
+    def __init__(self, attention: nn.Module, method: nn.Module, window: int):
+        super().__init__()
+        for name in PRETRAINED:
+            if hasattr(attention, name):
+                setattr(self, name, getattr(attention, name))
+        self.rope = attention.rope
+        self.n_heads = attention.n_heads
+        self.n_kv_heads = attention.n_kv_heads
+        self.scale = attention.scale
+        self.method = method
+        self.window = window
+        # The pretrained forward, run on these same weights when softmax attention is wanted.
+        self.softmax_forward = type(attention).__call__
+        self.use_softmax = False
+
+    def project(self, x):
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        return (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+
+    def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache: Optional[Any] = None):
+        if self.use_softmax:
+            return self.softmax_forward(self, x, mask=mask, cache=cache)
+        B, L, _ = x.shape
+        q, k, v = self.project(x)
+        state_cache, window_cache = cache if cache is not None else (None, None)
+        offset = window_cache.offset if cache is not None else 0
+
+        def rope(t):
+            return self.rope(t, offset=offset)
+
+        linear, state = self.method(q, k, v, rope, state_cache[0] if cache is not None else None)
+        q, k = rope(q), rope(k)
+        if cache is not None:
+            state_cache[0] = state
+            state_cache.advance(L)
+            k, v = window_cache.update_and_fetch(k, v)
+            keep_last(window_cache, self.window)
+        window = sliding_window_attention(q, k, v, self.window, self.scale)
+        out = self.method.mix(linear, window).astype(x.dtype)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))

@@ -1,0 +1,116 @@
+"""A pretrained mlx-lm transformer whose attention layers are linearized.
+
+The base architecture's blocks (mlx_lm.models.llama, qwen2, qwen3) are reused unchanged;
+each linearized layer's `self_attn` becomes a LinearizedAttention holding the same weights.
+A converted folder's config.json names this module as `model_file`, so stock mlx-lm loads
+it with --trust-remote-code.
+"""
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import BaseModelArgs, create_attention_mask
+from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, RotatingKVCache
+
+from .attention import LinearizedAttention
+from .methods import get_method
+
+# HF model_type -> mlx-lm module providing its blocks.
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+def base_architecture(model_type: str):
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    return importlib.import_module(f"mlx_lm.models.{ARCHITECTURES[model_type]}")
+
+
+@dataclass
+class Linearization:
+    method: str = "liger-gla"
+    window: int = 64
+    full_attention_every: int = 0  # Liger-H: every N-th layer (N-1, 2N-1, ...) keeps softmax
+    options: Dict[str, Any] = field(default_factory=dict)  # method-specific
+
+    def is_linear(self, layer_index: int) -> bool:
+        N = self.full_attention_every
+        return not (N and (layer_index + 1) % N == 0)
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str
+    linearization: Linearization
+    config: Dict[str, Any]  # the whole config, for the base architecture's ModelArgs
+
+    @classmethod
+    def from_dict(cls, params):
+        return cls(params["model_type"], Linearization(**params["linearization"]), params)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        arch = base_architecture(args.model_type)
+        base = arch.Model(arch.ModelArgs.from_dict(args.config))
+        self.model = base.model
+        if hasattr(base, "lm_head"):
+            self.lm_head = base.lm_head
+        self.base_sanitize = base.sanitize
+        lin = args.linearization
+        method = get_method(lin.method)
+        for i, layer in enumerate(self.layers):
+            if lin.is_linear(i):
+                attn = layer.self_attn
+                layer.self_attn = LinearizedAttention(attn, method(attn, **lin.options), lin.window)
+        self.linear_layers = [lin.is_linear(i) for i in range(len(self.layers))]
+        self.full_index = self.linear_layers.index(False) if False in self.linear_layers else None
+        self.softmax_everywhere = False
+
+    def use_softmax_attention(self, enabled: bool = True):
+        """Run every layer as the original softmax attention (the same weights, no cache)."""
+        for layer, linear in zip(self.layers, self.linear_layers):
+            if linear:
+                layer.self_attn.use_softmax = enabled
+        self.softmax_everywhere = enabled
+
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None):
+        h = input_embeddings if input_embeddings is not None else self.model.embed_tokens(inputs)
+        cache = cache if cache is not None else [None] * len(self.layers)
+        mask = None
+        if self.softmax_everywhere:
+            mask = create_attention_mask(h, None)
+        elif self.full_index is not None:
+            mask = create_attention_mask(h, cache[self.full_index])
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, cache=c)
+        h = self.model.norm(h)
+        if hasattr(self, "lm_head"):
+            return self.lm_head(h)
+        return self.model.embed_tokens.as_linear(h)
+
+    def sanitize(self, weights):
+        return self.base_sanitize(weights)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    @property
+    def quant_predicate(self):
+        # Method parameters (feature maps, mixing weights) stay in float.
+        return lambda path, module: ".method." not in path
+
+    def make_cache(self):
+        window = self.args.linearization.window
+        return [
+            CacheList(ArraysCache(1), RotatingKVCache(max_size=window)) if linear else KVCache()
+            for linear in self.linear_layers
+        ]

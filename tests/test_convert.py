@@ -1,0 +1,208 @@
+"""Conversion of HF and GGUF checkpoints, checked against mlx-lm's own models."""
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+from mlx_lm.utils import load_model
+
+import mlx_linear
+from mlx_linear.convert import convert
+from mlx_linear.convert.gguf import unpermute
+from mlx_linear.errors import UserError
+
+from conftest import ARCHITECTURES, TINY, tiny_tokenizer, write_hf_checkpoint
+
+TOKENS = mx.array([[3, 17, 250, 9, 101, 44, 7, 300, 12, 5, 61, 2]])
+
+
+def quiet(*args, **kwargs):
+    return convert(*args, log=lambda m: None, **kwargs)
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_method_none_matches_mlx_lm(hf_checkpoints, tmp_path, model_type):
+    out = quiet(tmp_path / "none", hf_source=str(hf_checkpoints[model_type]), method="none")
+    model, tokenizer = mlx_linear.load(out)
+    reference, _ = load_model(hf_checkpoints[model_type])
+    assert mx.allclose(model(TOKENS), reference(TOKENS), atol=1e-5).item()
+    assert tokenizer.encode("the thin") == tiny_tokenizer().encode("the thin")
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_liger_converts_and_runs(hf_checkpoints, tmp_path, model_type):
+    out = quiet(tmp_path / "liger", hf_source=str(hf_checkpoints[model_type]), full_attention_every=2)
+    config = json.loads((out / "config.json").read_text())
+    assert config["linearization"] == {"method": "liger-gla", "window": 64, "full_attention_every": 2, "options": {}}
+    model, _ = mlx_linear.load(out)
+    logits = model(TOKENS)
+    assert logits.shape == (1, TOKENS.shape[1], TINY["vocab_size"]) and mx.isfinite(logits).all().item()
+    # Same weights as the original, different attention.
+    reference, _ = load_model(hf_checkpoints[model_type])
+    assert not mx.allclose(logits, reference(TOKENS), atol=1e-3).item()
+    model.use_softmax_attention(True)
+    assert mx.allclose(model(TOKENS), reference(TOKENS), atol=1e-5).item()
+
+
+def test_stock_mlx_lm_loads_the_folder(hf_checkpoints, tmp_path):
+    out = quiet(tmp_path / "liger", hf_source=str(hf_checkpoints["llama"]))
+    model, _ = mlx_linear.load(out)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_model(out)  # the folder's model_file is what builds it
+    stock, _ = load_model(out, trust_remote_code=True)
+    assert mx.allclose(stock(TOKENS), model(TOKENS), atol=1e-5).item()
+
+
+def test_quantized_conversion(hf_checkpoints, tmp_path):
+    out = quiet(tmp_path / "q", hf_source=str(hf_checkpoints["llama"]), quantize=True, q_bits=8, q_group_size=32)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["bits"] == 8
+    model, _ = mlx_linear.load(out)
+    assert type(model.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"
+    full, _ = mlx_linear.load(quiet(tmp_path / "f", hf_source=str(hf_checkpoints["llama"])))
+    assert mx.allclose(model(TOKENS), full(TOKENS), atol=0.05).item()
+
+
+def llama_cpp_permute(w, n_heads):
+    """What llama.cpp's converter does to q/k rows (convert_hf_to_gguf.py)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_unpermute_inverts_llama_cpp():
+    w = mx.arange(8 * 4 * 3).reshape(8 * 4, 3)
+    assert mx.array_equal(unpermute(llama_cpp_permute(w, 4), 4), w).item()
+    assert not mx.array_equal(llama_cpp_permute(w, 4), w).item()
+
+
+def write_gguf(hf_folder, path):
+    """The tiny llama checkpoint as llama.cpp would write it (F32, permuted q/k, BPE metadata)."""
+    from mlx_linear.convert.gguf import BLOCK, TOP_LEVEL
+
+    to_gguf = {v: k for k, v in TOP_LEVEL.items()} | {v: k for k, v in BLOCK.items()}
+    config = json.loads((hf_folder / "config.json").read_text())
+    tensors = {}
+    for name, w in mx.load(str(hf_folder / "model.safetensors")).items():
+        stem, suffix = name.rsplit(".", 1)
+        if stem.startswith("model.layers."):
+            _, _, index, part = stem.split(".", 3)
+            gguf = f"blk.{index}.{to_gguf[part]}.{suffix}"
+        else:
+            gguf = f"{to_gguf[stem]}.{suffix}"
+        if "attn_q." in gguf:
+            w = llama_cpp_permute(w, config["num_attention_heads"])
+        if "attn_k." in gguf:
+            w = llama_cpp_permute(w, config["num_key_value_heads"])
+        tensors[gguf] = w
+    tok = json.loads((hf_folder / "tokenizer.json").read_text())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab] + ["<|im_start|>", "<|im_end|>"]
+    tokens += [f"[PAD{i}]" for i in range(config["vocab_size"] - len(tokens))]
+    u32 = lambda x: mx.array(x, dtype=mx.uint32)  # noqa: E731
+    meta = {
+        "general.architecture": "llama",
+        "llama.embedding_length": u32(config["hidden_size"]),
+        "llama.feed_forward_length": u32(config["intermediate_size"]),
+        "llama.block_count": u32(config["num_hidden_layers"]),
+        "llama.attention.head_count": u32(config["num_attention_heads"]),
+        "llama.attention.head_count_kv": u32(config["num_key_value_heads"]),
+        "llama.attention.layer_norm_rms_epsilon": mx.array(config["rms_norm_eps"]),
+        "llama.rope.freq_base": mx.array(config["rope_theta"]),
+        "llama.context_length": u32(config["max_position_embeddings"]),
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.merges": [" ".join(m) if isinstance(m, list) else m for m in tok["model"]["merges"]],
+        "tokenizer.ggml.token_type": mx.array([1] * (len(vocab)) + [3, 3] + [1] * (len(tokens) - len(vocab) - 2), dtype=mx.int32),
+        "tokenizer.ggml.bos_token_id": u32(len(vocab)),
+        "tokenizer.ggml.eos_token_id": u32(len(vocab) + 1),
+        "tokenizer.chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    }
+    mx.save_gguf(str(path), tensors, meta)
+    return path
+
+
+def test_gguf_matches_the_hf_original(hf_checkpoints, tmp_path):
+    gguf = write_gguf(hf_checkpoints["llama"], tmp_path / "tiny.gguf")
+    out = quiet(tmp_path / "none", gguf=str(gguf), method="none", dtype=mx.float32)
+    model, tokenizer = mlx_linear.load(out)
+    reference, _ = load_model(hf_checkpoints["llama"])
+    assert mx.allclose(model(TOKENS), reference(TOKENS), atol=1e-5).item()
+    assert tokenizer.encode("the thin") == tiny_tokenizer().encode("the thin")
+    assert tokenizer.encode("<|im_end|>") == [tokenizer.eos_token_id]
+
+
+# Bad input: one line naming the problem, non-zero exit, no partial output.
+
+
+def cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_linear", "convert", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()  # progress lines, then the error
+    assert "Traceback" not in result.stderr, result.stderr
+    assert lines[-1].startswith("Error:") and sum(l.startswith("Error:") for l in lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[-1], lines[-1]
+
+
+def test_missing_path(tmp_path):
+    assert_one_line_error(cli("--hf", str(tmp_path / "nope"), "-o", str(tmp_path / "o")), "no such folder")
+    assert_one_line_error(cli("--gguf", str(tmp_path / "x.gguf"), "-o", str(tmp_path / "o")), "not found")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture(tmp_path):
+    folder = write_hf_checkpoint(tmp_path / "gemma", "llama")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gemma2"}))
+    result = cli("--hf", str(folder), "-o", str(tmp_path / "o"))
+    assert_one_line_error(result, "gemma2", "llama", "qwen3")
+    assert not (tmp_path / "o").exists()
+
+
+def test_truncated_safetensors(tmp_path):
+    folder = write_hf_checkpoint(tmp_path / "m", "llama")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert_one_line_error(cli("--hf", str(folder), "-o", str(tmp_path / "o")), "model.safetensors")
+    assert not (tmp_path / "o").exists() and list(tmp_path.glob(".o*")) == []
+
+
+def test_corrupt_gguf(tmp_path, hf_checkpoints):
+    gguf = write_gguf(hf_checkpoints["llama"], tmp_path / "t.gguf")
+    data = gguf.read_bytes()
+    gguf.write_bytes(data[: len(data) - 1000])
+    assert_one_line_error(cli("--gguf", str(gguf), "-o", str(tmp_path / "o")), "t.gguf")
+    (tmp_path / "g.gguf").write_bytes(b"not a gguf" * 50)
+    assert_one_line_error(cli("--gguf", str(tmp_path / "g.gguf"), "-o", str(tmp_path / "o")), "g.gguf")
+    assert not (tmp_path / "o").exists()
+
+
+def test_offline_hub_id(tmp_path):
+    assert_one_line_error(cli("--hf", "mistralai/Mistral-7B-v0.1", "-o", str(tmp_path / "o")), "offline")
+
+
+def test_existing_output_needs_force(hf_checkpoints, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_one_line_error(cli("--hf", str(hf_checkpoints["llama"]), "-o", str(out)), "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+    result = cli("--hf", str(hf_checkpoints["llama"]), "-o", str(out), "--force")
+    assert result.returncode == 0, result.stderr
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_mismatched_weights_are_a_user_error(tmp_path):
+    folder = write_hf_checkpoint(tmp_path / "m", "llama")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(UserError, match="do not fit"):
+        quiet(tmp_path / "o", hf_source=str(folder))
+    assert not (tmp_path / "o").exists()

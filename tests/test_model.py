@@ -1,0 +1,121 @@
+"""The linearized model: its math against a hand-written reference, and its caches."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+from mlx_linear.model import Model, ModelArgs
+
+from conftest import ARCHITECTURES, TINY
+
+
+def tiny_model(model_type="llama", seed=0, **linearization):
+    config = {"model_type": model_type, **TINY, **ARCHITECTURES[model_type]}
+    config["linearization"] = {"method": "liger-gla", "window": 8, **linearization}
+    mx.random.seed(seed)
+    model = Model(ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    return model
+
+
+def reference_liger(attn, x, window):
+    """Section 1 of the design file, token by token, with explicit GQA repetition."""
+    B, L, _ = x.shape
+    H, Hkv = attn.n_heads, attn.n_kv_heads
+    q = attn.q_proj(x).reshape(B, L, H, -1)
+    k = attn.k_proj(x).reshape(B, L, Hkv, -1)
+    v = attn.v_proj(x).reshape(B, L, Hkv, -1)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    k, v = mx.repeat(k, H // Hkv, axis=1), mx.repeat(v, H // Hkv, axis=1)
+    gate = mx.exp(nn.log_sigmoid(k) / 16)
+    fq, fk = mx.softmax(q, axis=-1), mx.softmax(k, axis=-1)
+    qr, kr = attn.rope(q), attn.rope(k)
+    d = q.shape[-1]
+    S = mx.zeros((B, H, d, d))
+    outputs = []
+    for t in range(L):
+        S = gate[:, :, t, :, None] * S + fk[:, :, t, :, None] * v[:, :, t, None, :]
+        linear = (fq[:, :, t, None, :] @ S)[:, :, 0]
+        lo = max(0, t - window + 1)
+        scores = (qr[:, :, t, None, :] @ kr[:, :, lo : t + 1].swapaxes(-1, -2))[:, :, 0] * d**-0.5
+        softmax = (mx.softmax(scores, axis=-1)[:, :, None] @ v[:, :, lo : t + 1])[:, :, 0]
+        outputs.append(0.5 * linear + 0.5 * softmax)
+    y = mx.stack(outputs, axis=2).transpose(0, 2, 1, 3).reshape(B, L, -1)
+    return attn.o_proj(y)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_attention_follows_the_design(model_type):
+    model = tiny_model(model_type)
+    attn = model.layers[0].self_attn
+    x = mx.random.normal((2, 30, TINY["hidden_size"]))
+    assert mx.allclose(attn(x), reference_liger(attn, x, window=8), atol=1e-4).item()
+
+
+def incremental(model, tokens, pieces):
+    cache = model.make_cache()
+    outputs, start = [], 0
+    for n in pieces:
+        outputs.append(model(tokens[:, start : start + n], cache=cache))
+        start += n
+    while start < tokens.shape[1]:
+        outputs.append(model(tokens[:, start : start + 1], cache=cache))
+        start += 1
+    return mx.concatenate(outputs, axis=1), cache
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("full_attention_every", [0, 2])
+def test_prefill_pieces_then_decode_equals_full_forward(model_type, full_attention_every):
+    """Window 8: pieces of 5, 9 and 1 then decode cross the window boundary several times."""
+    model = tiny_model(model_type, full_attention_every=full_attention_every)
+    tokens = mx.random.randint(0, TINY["vocab_size"], (2, 40))
+    full = model(tokens)
+    pieces, _ = incremental(model, tokens, [5, 9, 1, 12])
+    assert mx.allclose(full, pieces, atol=1e-4).item()
+
+
+def test_cache_bytes_do_not_grow():
+    model = tiny_model()
+    sizes = []
+    for length in (20, 300):
+        tokens = mx.random.randint(0, TINY["vocab_size"], (1, length))
+        _, cache = incremental(model, tokens, [length - 1])
+        mx.eval([c.state for c in cache])
+        sizes.append(sum(c.nbytes for c in cache))
+    assert sizes[0] == sizes[1] > 0
+
+
+def test_liger_h_keeps_softmax_layers():
+    model = tiny_model(full_attention_every=2)
+    assert type(model.layers[1].self_attn).__name__ == "Attention"
+    assert type(model.layers[0].self_attn).__name__ == "LinearizedAttention"
+
+
+def test_softmax_mode_is_the_original_transformer():
+    from mlx_linear.model import base_architecture
+    from mlx.utils import tree_flatten
+
+    model = tiny_model()
+    arch = base_architecture("llama")
+    config = {"model_type": "llama", **TINY, **ARCHITECTURES["llama"]}
+    original = arch.Model(arch.ModelArgs.from_dict(config))
+    original.load_weights(tree_flatten(model.parameters()))
+    tokens = mx.random.randint(0, TINY["vocab_size"], (1, 20))
+    model.use_softmax_attention(True)
+    assert mx.allclose(model(tokens), original(tokens), atol=1e-5).item()
+    model.use_softmax_attention(False)
+    assert not mx.allclose(model(tokens), original(tokens), atol=1e-2).item()
+
+
+def test_prompt_cache_file_round_trip(tmp_path):
+    model = tiny_model()
+    tokens = mx.random.randint(0, TINY["vocab_size"], (1, 30))
+    _, cache = incremental(model, tokens, [29])
+    save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
+    loaded = load_prompt_cache(str(tmp_path / "c.safetensors"))
+    nxt = mx.array([[7]])
+    assert mx.allclose(model(nxt, cache=cache), model(nxt, cache=loaded), atol=1e-6).item()
