@@ -22,3 +22,20 @@ def bundled_gguf() -> Path:
             if path.is_file():
                 return path
     raise UserError(f"{DISTRIBUTION} is installed but {FILE} is missing: run `{INSTALL} --force-reinstall`")
+
+
+def cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("MLX_LINEAR_CACHE", Path.home() / ".cache" / "mlx-linear"))
+
+
+def bundled_model(method="liger-gla", log=print) -> Path:
+    """The bundled SmolLM2 converted with `method`, once, into the cache folder; reused after."""
+    from .convert import convert
+
+    path = cache_dir() / f"smollm2-135m-instruct-{method}"
+    if not (path / "config.json").is_file():
+        log(f"converting the bundled SmolLM2-135M-Instruct ({method}) into {path}, once")
+        convert(path, method=method, force=True, log=log)
+    return path

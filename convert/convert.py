@@ -40,7 +40,10 @@ def build_model(config, weights):
     except ValueError as e:
         raise UserError(str(e)) from None
     model_class, args_class = get_model_classes(config)
-    model = model_class(args_class.from_dict(config))
+    try:
+        model = model_class(args_class.from_dict(config))
+    except TypeError as e:
+        raise UserError(f"config.json lacks a field the {config['model_type']} architecture needs: {e}") from e
     try:
         model.load_weights(list(model.sanitize(weights).items()), strict=True)
     except ValueError as e:

@@ -1,15 +1,29 @@
-"""The `mlx_linear` command line: parse, call the library, report."""
+"""The `mlx_linear` command line: a click group whose subcommands load on first use."""
 
+import importlib
 import sys
 
 import click
 
 from .errors import UserError
-from .methods import METHODS
+
+# name -> "module:attribute" of a click command; each feature registers one line here.
+COMMANDS = {
+    "convert": "mlx_linear.convert.cli:convert",
+}
 
 
 class Group(click.Group):
-    """Turns user errors into one line and a non-zero exit; Ctrl-C into exit 130."""
+    """Loads subcommands lazily; user errors become one line and a non-zero exit, Ctrl-C exit 130."""
+
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attribute)
 
     def invoke(self, ctx):
         try:
@@ -22,6 +36,7 @@ class Group(click.Group):
 
 
 def log(message):
+    """Progress messages go to stderr, leaving stdout for results."""
     click.echo(message, err=True)
 
 
@@ -29,42 +44,6 @@ def log(message):
 @click.version_option(package_name="mlx-linear")
 def cli():
     """Pretrained transformers as constant-memory linear-attention RNNs on MLX."""
-
-
-@cli.command()
-@click.option("--hf", "hf_source", help="Hugging Face hub id or local folder (config.json + safetensors).")
-@click.option("--gguf", type=click.Path(dir_okay=False), help="GGUF file (F32/F16/Q8_0/Q4_0/Q4_1).")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--method", default="liger-gla", show_default=True, type=click.Choice(["none", *sorted(METHODS)]))
-@click.option("--window", default=64, show_default=True, type=click.IntRange(1), help="Sliding-window size.")
-@click.option(
-    "--full-attention-every", default=0, type=click.IntRange(0), help="Keep every N-th layer as softmax (Liger-H)."
-)
-@click.option("--quantize", is_flag=True, help="Quantize the linear layers with mlx-lm (QLoRA-ready).")
-@click.option("--q-bits", default=4, show_default=True, type=click.Choice(["2", "3", "4", "5", "6", "8"]))
-@click.option("--q-group-size", default=64, show_default=True, type=click.Choice(["32", "64", "128"]))
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="Stored dtype [source's].")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def convert(hf_source, gguf, output, method, window, full_attention_every, quantize, q_bits, q_group_size, dtype, force):
-    """Convert a checkpoint; with no --hf/--gguf, the bundled SmolLM2-135M-Instruct."""
-    import mlx.core as mx
-
-    from .convert import convert as run
-
-    run(
-        output,
-        hf_source=hf_source,
-        gguf=gguf,
-        method=method,
-        window=window,
-        full_attention_every=full_attention_every,
-        quantize=quantize,
-        q_bits=int(q_bits),
-        q_group_size=int(q_group_size),
-        dtype=getattr(mx, dtype) if dtype else None,
-        force=force,
-        log=log,
-    )
 
 
 def main():
