@@ -51,6 +51,19 @@ def build_model(config, weights):
     return model
 
 
+def write_model(output, model, config, tokenizer, force=False, source_folder=None):
+    """An MLX model folder (weights, config, tokenizer, model_file), complete or not at all."""
+    with atomic_output(output, force) as tmp:
+        save_model(tmp, model, donate_model=True)
+        if config.get("linearization"):
+            config["model_file"] = MODEL_FILE
+            (tmp / MODEL_FILE).write_text(MODEL_FILE_SOURCE)
+        save_config(config, tmp / "config.json")
+        tokenizer.save_pretrained(str(tmp))
+        if source_folder is not None and (Path(source_folder) / "generation_config.json").is_file():
+            shutil.copy(Path(source_folder) / "generation_config.json", tmp)
+
+
 def convert(
     output,
     hf_source=None,
@@ -81,15 +94,7 @@ def convert(
     if quantize:
         log(f"quantizing to {q_bits} bits, group size {q_group_size}")
         model, config = quantize_model(model, config, q_group_size, q_bits)
-    with atomic_output(output, force) as tmp:
-        log(f"writing {output}")
-        save_model(tmp, model, donate_model=True)
-        if method != "none":
-            config["model_file"] = MODEL_FILE
-            (tmp / MODEL_FILE).write_text(MODEL_FILE_SOURCE)
-        save_config(config, tmp / "config.json")
-        tokenizer.save_pretrained(str(tmp))
-        if folder is not None and (folder / "generation_config.json").is_file():
-            shutil.copy(folder / "generation_config.json", tmp)
+    log(f"writing {output}")
+    write_model(output, model, config, tokenizer, force, folder)
     log(f"done in {time.perf_counter() - start:.1f}s: {output}")
     return Path(output)

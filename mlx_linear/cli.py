@@ -5,11 +5,13 @@ import sys
 
 import click
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 # name -> "module:attribute" of a click command; each feature registers one line here.
 COMMANDS = {
     "convert": "mlx_linear.convert.cli:convert",
+    "lora-train": "mlx_linear.train.cli:lora_train",
+    "fuse": "mlx_linear.train.cli:fuse",
 }
 
 
@@ -30,8 +32,9 @@ class Group(click.Group):
             return super().invoke(ctx)
         except UserError as e:
             raise click.ClickException(str(e)) from None
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted: partial outputs were discarded", err=True)
+        except KeyboardInterrupt as e:
+            message = str(e) if isinstance(e, Interrupted) else "partial outputs were discarded"
+            click.echo(f"\ninterrupted: {message}", err=True)
             sys.exit(130)
 
 

@@ -55,9 +55,9 @@ def load(path, adapter_path=None, dtype="auto", lazy=False):
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise UserError(f"cannot load {path}: {e}") from e
     if adapter_path is not None:
-        from mlx_lm.tuner.utils import load_adapters
+        from .adapters import load_adapter
 
-        model = load_adapters(model, str(adapter_path))
+        load_adapter(model, adapter_path)
     dtype = compute_dtype() if dtype == "auto" else dtype
     if dtype is not None:
         cast_floats(model, dtype)

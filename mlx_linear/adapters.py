@@ -1,0 +1,86 @@
+"""LoRA adapters: which layers get them, and their files (mlx-lm's adapter format).
+
+Method parameters (a method's feature maps or mixing weights, when it has any) train and
+save along with the LoRA weights.
+"""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from .errors import UserError
+
+ADAPTER_FILE = "adapters.safetensors"
+CONFIG_FILE = "adapter_config.json"
+TARGETS = {
+    "q": ["self_attn.q_proj"],
+    "k": ["self_attn.k_proj"],
+    "v": ["self_attn.v_proj"],
+    "o": ["self_attn.o_proj"],
+    "mlp": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+}
+
+
+def lora_config(model, rank=8, scale=1.0, dropout=0.0, targets=("q", "k", "v")):
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        raise UserError(f"unknown LoRA targets {sorted(unknown)}: choose from {', '.join(TARGETS)}")
+    keys = [key for t in targets for key in TARGETS[t]]
+    return {
+        "fine_tune_type": "lora",
+        "num_layers": len(model.layers),
+        "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout, "keys": keys},
+    }
+
+
+def apply_lora(model: nn.Module, config: dict):
+    """Freeze the model, then add trainable LoRA layers (and unfreeze method parameters)."""
+    model.freeze()
+    linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"])
+    for layer in model.layers:
+        method = getattr(layer.self_attn, "method", None)
+        if method is not None:
+            method.unfreeze()
+    return model
+
+
+def adapter_weights(model):
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def save_adapter(folder, model, config, name=ADAPTER_FILE):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.tmp.safetensors"
+    mx.save_safetensors(str(tmp), adapter_weights(model))
+    tmp.replace(folder / name)
+    config_tmp = folder / f".{CONFIG_FILE}.tmp"
+    config_tmp.write_text(json.dumps(config, indent=2))
+    config_tmp.replace(folder / CONFIG_FILE)
+
+
+def read_adapter_config(folder) -> dict:
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{folder} is not an adapter folder (no {CONFIG_FILE}): pass the -o of `mlx_linear lora-train`")
+    return json.loads(path.read_text())
+
+
+def load_adapter(model, folder, name=ADAPTER_FILE):
+    """Add the adapter's LoRA layers to `model` and load its weights."""
+    config = read_adapter_config(folder)
+    apply_lora(model, config)
+    path = Path(folder) / name
+    if not path.is_file():
+        raise UserError(f"{path} is missing: the training run saved no adapter yet")
+    weights = mx.load(str(path))
+    expected = adapter_weights(model)
+    unknown = [k for k in weights if k not in expected]
+    if unknown:
+        raise UserError(f"{path} does not fit this model ({unknown[0]} has no place in it): use the model it was trained on")
+    model.load_weights(list(weights.items()), strict=False)
+    return model

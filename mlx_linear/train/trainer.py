@@ -1,0 +1,324 @@
+"""LoRA uptraining of a linearized model: masked cross-entropy or distillation from the
+original model (the same weights with softmax attention and no adapter), gradient
+accumulation, data parallelism with mx.distributed, validation, best-adapter keeping.
+"""
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.nn.utils import average_gradients
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx_lm.tuner.lora import LoRALinear
+from mlx_lm.tuner.trainer import grad_checkpoint
+
+from ..adapters import ADAPTER_FILE, apply_lora, lora_config, read_adapter_config, save_adapter
+from ..errors import Interrupted, UserError
+from ..progress import Progress
+from .data import Packer, sequences
+
+LAST_FILE = "last.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 1024
+    batch_size: int = 1  # sequences per micro-step, over all ranks
+    grad_accumulation: int = 8
+    iters: Optional[int] = None  # optimizer updates; or a token budget:
+    tokens: Optional[int] = None
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    lora_rank: int = 8
+    lora_scale: float = 1.0  # alpha / rank
+    lora_dropout: float = 0.0
+    lora_targets: Sequence[str] = ("q", "k", "v")
+    distill: bool = False
+    ce_weight: float = 0.0  # with distill: share of cross-entropy in the loss
+    grad_checkpoint: bool = False
+    val_every: int = 50  # updates
+    val_sequences: int = 4  # per data source
+    seed: int = 0
+
+    @property
+    def tokens_per_update(self):
+        return self.seq_len * self.batch_size * self.grad_accumulation
+
+    @property
+    def updates(self):
+        if self.iters:
+            return self.iters
+        if self.tokens:
+            return max(1, math.ceil(self.tokens / self.tokens_per_update))
+        raise UserError("give a budget: --iters N or --tokens N")
+
+
+class teacher_mode:
+    """The original model on the same weights: softmax attention everywhere, LoRA off."""
+
+    def __init__(self, model):
+        self.model = model
+        self.loras = [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+    def __enter__(self):
+        self.scales = [m.scale for m in self.loras]
+        for m in self.loras:
+            m.scale = 0.0
+        self.model.use_softmax_attention(True)
+
+    def __exit__(self, *exc):
+        for m, scale in zip(self.loras, self.scales):
+            m.scale = scale
+        self.model.use_softmax_attention(False)
+
+
+def make_loss(distill=False, ce_weight=0.0):
+    """Returns loss(model, inputs, targets, mask) -> (loss sum, normaliser, CE sum, CE tokens)."""
+
+    def loss(model, inputs, targets, mask):
+        logits = model(inputs).astype(mx.float32)
+        ce_sum = (nn.losses.cross_entropy(logits, targets) * mask).sum()
+        n_targets = mask.sum()
+        if not distill:
+            return ce_sum, n_targets, ce_sum, n_targets
+        with teacher_mode(model):
+            teacher = mx.stop_gradient(model(inputs).astype(mx.float32))
+        teacher_logp = teacher - mx.logsumexp(teacher, axis=-1, keepdims=True)
+        student_logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        kl = (mx.exp(teacher_logp) * (teacher_logp - student_logp)).sum(axis=-1)
+        positions = mx.array(kl.size, dtype=mx.float32)
+        return (1 - ce_weight) * kl.sum() + ce_weight * ce_sum, positions, ce_sum, n_targets
+
+    return loss
+
+
+def batches(stream, batch_size, rank, world):
+    """Global batches of `batch_size` sequences; this rank's rows as (inputs, targets, mask)."""
+    if batch_size % world:
+        raise UserError(f"--batch-size {batch_size} must be a multiple of the {world} processes")
+    while True:
+        rows = [next(stream) for _ in range(batch_size)][rank::world]
+        tokens = mx.array(np.array([t for t, _ in rows], dtype=np.int32))
+        mask = mx.array(np.array([m for _, m in rows], dtype=np.bool_))
+        yield tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
+
+
+class Run:
+    """The output folder: adapters, optimizer state, logs; only rank 0 writes."""
+
+    def __init__(self, folder, lora, config, writer=True):
+        self.folder, self.lora, self.config, self.writer = Path(folder), lora, config, writer
+        self.state = {"update": 0, "sequences": 0, "tokens": 0, "best_val": None, "best_update": None, "log": []}
+
+    def record_validation(self, val):
+        """Log a validation; True if it is the best so far."""
+        best = self.state["best_val"] is None or val["all"]["loss"] < self.state["best_val"]
+        if best:
+            self.state["best_val"], self.state["best_update"] = val["all"]["loss"], self.state["update"]
+        self.state["log"].append({"update": self.state["update"], "tokens": self.state["tokens"], "val": val})
+        return best
+
+    def write_logs(self):
+        """log.csv (one row per update) and loss.png (training and validation loss against tokens)."""
+        if not self.writer:
+            return
+        from ..plot import line_plot
+
+        updates = [e for e in self.state["log"] if "loss" in e]
+        vals = [e for e in self.state["log"] if "val" in e]
+        columns = ["update", "tokens", "loss", "ce", "tokens_per_second", "peak_memory_gb"]
+        rows = [",".join(columns)] + [",".join(f"{e[c]:.6g}" for c in columns) for e in updates]
+        (self.folder / "log.csv").write_text("\n".join(rows) + "\n")
+        series = {"train": ([e["tokens"] for e in updates], [e["loss"] for e in updates])}
+        for name in vals[0]["val"] if vals else ():
+            series[f"valid {name}"] = ([e["tokens"] for e in vals], [e["val"][name]["loss"] for e in vals])
+        panel = {"x": "tokens", "y": "distillation loss" if self.config.distill else "cross-entropy", "series": series}
+        line_plot(self.folder / "loss.png", [panel], title=f"lora-train: {self.folder.name}")
+
+    def save(self, model, optimizer, best=False):
+        if not self.writer:
+            return
+        save_adapter(self.folder, model, self.lora, name=LAST_FILE)
+        if best:
+            save_adapter(self.folder, model, self.lora, name=ADAPTER_FILE)
+        tmp = self.folder / f".{OPTIMIZER_FILE}.tmp.safetensors"
+        mx.save_safetensors(str(tmp), dict(tree_flatten(optimizer.state)))
+        tmp.replace(self.folder / OPTIMIZER_FILE)
+        self.write_json(STATE_FILE, self.state)
+
+    def write_json(self, name, data):
+        if not self.writer:
+            return
+        tmp = self.folder / f".{name}.tmp"
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(self.folder / name)
+
+    def resume(self, model, optimizer):
+        weights = mx.load(str(self.folder / LAST_FILE))
+        model.load_weights(list(weights.items()), strict=False)
+        optimizer.state = tree_unflatten(list(mx.load(str(self.folder / OPTIMIZER_FILE)).items()))
+        self.state = json.loads((self.folder / STATE_FILE).read_text())
+
+
+def prepare_output(folder, resume, force):
+    folder = Path(folder)
+    if resume:
+        missing = [f for f in (LAST_FILE, OPTIMIZER_FILE, STATE_FILE) if not (folder / f).is_file()]
+        if missing:
+            raise UserError(f"cannot resume from {folder}: {missing[0]} is missing (start without --resume)")
+        return read_adapter_config(folder)
+    if folder.exists() and any(folder.iterdir()) and not force:
+        raise UserError(f"{folder} already holds a run: pass --resume to continue it or --force to start over")
+    folder.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def validate(model, loss, val_sets, rank, world):
+    """Loss per data source (and overall), each rank taking its share of the sequences."""
+    results = {}
+    for name, seqs in val_sets.items():
+        totals = mx.zeros(4)
+        for tokens, mask in seqs[rank::world]:
+            tokens, mask = mx.array(tokens)[None], mx.array(mask)[None]
+            totals = totals + mx.stack(loss(model, tokens[:, :-1], tokens[:, 1:], mask[:, 1:]))
+            mx.eval(totals)
+        totals = mx.distributed.all_sum(totals, stream=mx.cpu) if world > 1 else totals
+        loss_sum, norm, ce_sum, ce_n = totals.tolist()
+        results[name] = {"loss": loss_sum / max(norm, 1), "ce": ce_sum / max(ce_n, 1)}
+    results["all"] = {k: float(np.mean([r[k] for r in results.values()])) for k in ("loss", "ce")}
+    return results
+
+
+class Trainer:
+    """One process's share of a run: model, optimizer, data, and the update step."""
+
+    def __init__(self, model, config, run, world):
+        self.model, self.config, self.run = model, config, run
+        self.rank, self.size = world.rank(), world.size()
+        self.optimizer = optim.AdamW(config.learning_rate, weight_decay=config.weight_decay, bias_correction=True)
+        self.loss = make_loss(config.distill, config.ce_weight)
+        self.value_and_grad = nn.value_and_grad(model, self.loss)
+        self.previous = None
+
+    def micro_step(self, inputs, targets, mask):
+        (loss_sum, norm, ce_sum, ce_n), grads = self.value_and_grad(self.model, inputs, targets, mask)
+        mx.eval(loss_sum, norm, ce_sum, ce_n, grads)
+        return np.array([loss_sum.item(), norm.item(), ce_sum.item(), ce_n.item()]), grads
+
+    def update(self, data):
+        """One optimizer update from grad_accumulation micro-batches; refuses a non-finite loss."""
+        config, state = self.config, self.run.state
+        grad_sum, sums = None, np.zeros(4)
+        start = time.perf_counter()
+        for _ in range(config.grad_accumulation):
+            values, grads = self.micro_step(*next(data))
+            grad_sum = grads if grad_sum is None else tree_map(mx.add, grad_sum, grads)
+            sums += values
+        if self.size > 1:
+            sums = np.array(mx.distributed.all_sum(mx.array(sums, dtype=mx.float32), stream=mx.cpu).tolist())
+        if not np.isfinite(sums[0]):  # every rank sees the same sums, so all stop together
+            raise NonFiniteLoss(
+                f"the loss became {sums[0]} at update {state['update'] + 1}: stopped; the last good adapter is in "
+                f"{self.run.folder} (lower --learning-rate, then --resume)"
+            )
+        # The weights before this update gave finite losses: keep them to fall back on.
+        self.previous = (tree_map(lambda x: x, self.model.trainable_parameters()), tree_map(lambda x: x, self.optimizer.state))
+        grads = tree_map(lambda g: g * (self.size / sums[1]), average_gradients(grad_sum))
+        self.optimizer.update(self.model, grads)
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state)
+        state["update"] += 1
+        state["sequences"] += config.batch_size * config.grad_accumulation
+        state["tokens"] += config.tokens_per_update
+        entry = {
+            "update": state["update"],
+            "tokens": state["tokens"],
+            "loss": sums[0] / sums[1],
+            "ce": sums[2] / max(sums[3], 1),
+            "tokens_per_second": config.tokens_per_update / (time.perf_counter() - start),
+            "peak_memory_gb": mx.get_peak_memory() / 1e9,
+        }
+        state["log"].append(entry)
+        return entry
+
+    def roll_back(self):
+        """Return to the weights of the last update whose losses were finite."""
+        if self.previous is not None:
+            params, self.optimizer.state = self.previous
+            self.model.update(params)
+
+    def checkpoint(self, val_sets):
+        val = validate(self.model, self.loss, val_sets, self.rank, self.size)
+        self.run.save(self.model, self.optimizer, best=self.run.record_validation(val))
+        return val
+
+    def save(self):
+        self.run.save(self.model, self.optimizer)
+        self.run.write_logs()
+
+
+def validation_sets(sources, tokenizer, config):
+    valid = sequences(sources, tokenizer, config.seq_len, config.seed, split="valid")
+    return {Path(s.path).stem: [x for _, x in zip(range(config.val_sequences), it)] for s, it in zip(sources, valid)}
+
+
+def train(model, tokenizer, sources, config: TrainConfig, output, resume=False, force=False, log=print):
+    """Train LoRA adapters (and method parameters) on `sources`; returns the run's state."""
+    world = mx.distributed.init()
+    lora = prepare_output(output, resume, force) if world.rank() == 0 else None
+    if resume and lora is None:
+        lora = read_adapter_config(output)
+    lora = lora or lora_config(model, config.lora_rank, config.lora_scale, config.lora_dropout, config.lora_targets)
+    mx.random.seed(config.seed)  # the same LoRA initialisation on every rank and every run
+    apply_lora(model, lora)
+    run = Run(output, lora, config, writer=world.rank() == 0)
+    trainer = Trainer(model, config, run, world)
+    if resume:
+        run.resume(model, trainer.optimizer)
+    if config.grad_checkpoint:
+        grad_checkpoint(model.layers[0])
+    run.write_json("train_config.json", {**asdict(config), "sources": [(s.path, s.weight) for s in sources]})
+
+    packer = Packer(config.seq_len)
+    stream = sequences(sources, tokenizer, config.seq_len, config.seed, packer=packer)
+    for _ in range(run.state["sequences"]):
+        next(stream)  # resume where the data stopped
+    data = batches(stream, config.batch_size, world.rank(), world.size())
+    val_sets = validation_sets(sources, tokenizer, config)
+
+    remaining = (config.updates - run.state["update"]) * config.tokens_per_update
+    progress = Progress(remaining, "tok", "train", stream=None if run.writer else open(os.devnull, "w"))
+    model.train()
+    try:
+        val = trainer.checkpoint(val_sets)
+        while run.state["update"] < config.updates:
+            entry = trainer.update(data)
+            progress.update(config.tokens_per_update, loss=entry["loss"], val=val["all"]["loss"], peak_gb=entry["peak_memory_gb"])
+            if run.state["update"] % config.val_every == 0 or run.state["update"] == config.updates:
+                val = trainer.checkpoint(val_sets)
+        run.write_logs()
+    except NonFiniteLoss:
+        trainer.roll_back()
+        trainer.save()
+        raise
+    except KeyboardInterrupt:
+        trainer.save()
+        raise Interrupted(f"saved the adapter after {run.state['update']} updates in {output}; continue with --resume") from None
+    finally:
+        progress.close()
+    if packer.truncated:
+        log(f"{packer.truncated} chat examples were longer than {config.seq_len + 1} tokens and were truncated")
+    return run.state

@@ -1,0 +1,249 @@
+"""LoRA uptraining: data packing, losses, resume, failure handling, fuse, data parallelism."""
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_linear
+from mlx_linear.convert import convert
+from mlx_linear.errors import Interrupted, UserError
+from mlx_linear.train import TrainConfig, load_source, train
+from mlx_linear.train import trainer as trainer_module
+from mlx_linear.train.data import Encoder, Packer, documents, sequences
+from mlx_linear.train.trainer import make_loss, teacher_mode, validate, validation_sets
+
+WORDS = "the thin cat sat on a mat while in the house then the rain came in".split()
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    text = [{"text": " ".join(rng.choice(WORDS, size=int(rng.integers(5, 40))))} for _ in range(60)]
+    chat = [
+        {"messages": [{"role": "user", "content": f"count to {i}"}, {"role": "assistant", "content": " ".join(map(str, range(i)))}]}
+        for i in range(1, 40)
+    ]
+    return {"text": write_jsonl(root / "text.jsonl", text), "chat": write_jsonl(root / "chat.jsonl", chat)}
+
+
+@pytest.fixture(scope="module")
+def tiny_liger(hf_checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("liger") / "m"
+    return convert(out, hf_source=str(hf_checkpoints["llama"]), window=8, log=lambda m: None)
+
+
+def small_config(**overrides):
+    base = dict(seq_len=32, batch_size=2, grad_accumulation=2, iters=4, learning_rate=1e-2, val_every=2, val_sequences=2)
+    return TrainConfig(**{**base, **overrides})
+
+
+# Data
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "broken\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:2"):
+        load_source(bad)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(UserError, match="empty"):
+        load_source(tmp_path / "empty.jsonl")
+
+
+def test_held_out_split_is_deterministic_and_disjoint(data):
+    a, b = load_source(data["text"]), load_source(data["text"])
+    assert a.valid == b.valid and len(a.valid) >= 1
+    assert not any(v in a.train for v in a.valid) and len(a.train) + len(a.valid) == 60
+
+
+def test_packing_concatenates_documents_in_seeded_order(data, tiny_liger):
+    _, tokenizer = mlx_linear.load(tiny_liger)
+    source = load_source(data["text"])
+    encode = Encoder(tokenizer, "text")
+    stream = [t for _, (_, (doc, _)) in zip(range(30), documents(source.train, encode, seed=0)) for t in doc]
+    packed = list(zip(range(5), sequences([source], tokenizer, 32, seed=0)))
+    for i, (_, (tokens, mask)) in enumerate(packed):
+        assert len(tokens) == 33 and all(mask)
+        assert tokens == stream[32 * i : 32 * i + 33]  # one token overlaps between sequences
+
+
+def test_chat_loss_mask_covers_the_response_only(data, tiny_liger):
+    _, tokenizer = mlx_linear.load(tiny_liger)
+    record = json.loads(data["chat"].read_text().splitlines()[5])
+    tokens, mask = Encoder(tokenizer, "chat")(record)
+    prompt = tokenizer.apply_chat_template(record["messages"][:1], add_generation_prompt=True)
+    assert tokens[: len(prompt)] == prompt
+    assert not any(mask[: len(prompt)]) and all(mask[len(prompt) :])
+
+
+def test_long_chat_examples_are_truncated_and_counted_once(data, tiny_liger):
+    _, tokenizer = mlx_linear.load(tiny_liger)
+    source = load_source(data["chat"])
+    packer = Packer(16)
+    docs = documents(source.train[:3], Encoder(tokenizer, "chat"), seed=0, epochs=4)
+    assert all(len(t) == 17 for t, _ in packer.pack(docs, truncate=True))
+    lengths = [len(Encoder(tokenizer, "chat")(r)[0]) for r in source.train[:3]]
+    assert packer.truncated == sum(n > 17 for n in lengths) > 0
+
+
+def test_mixing_weights(data, tiny_liger):
+    _, tokenizer = mlx_linear.load(tiny_liger)
+    text, chat = load_source(data["text"], weight=1.0), load_source(data["chat"], weight=0.0)
+    for _, (tokens, mask) in zip(range(10), sequences([text, chat], tokenizer, 32)):
+        assert all(mask)  # only the text source, whose every token is a target
+
+
+# Losses
+
+
+def log_softmax(x):
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_losses_against_numpy(tiny_liger):
+    model, _ = mlx_linear.load(tiny_liger)
+    tokens = mx.random.randint(0, 300, (2, 13))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    mask = mx.array(np.random.default_rng(0).random((2, 12)) > 0.3)
+    student = log_softmax(model(inputs))
+    with teacher_mode(model):
+        teacher = log_softmax(model(inputs))
+    t, m = np.array(targets), np.array(mask)
+    ce = -np.take_along_axis(student, t[..., None], -1)[..., 0]
+    kl = (np.exp(teacher) * (teacher - student)).sum(-1)
+    loss_sum, norm, ce_sum, ce_n = make_loss()(model, inputs, targets, mask)
+    assert np.isclose(loss_sum.item(), (ce * m).sum(), rtol=1e-4) and norm.item() == m.sum()
+    loss_sum, norm, ce_sum, _ = make_loss(distill=True, ce_weight=0.25)(model, inputs, targets, mask)
+    assert np.isclose(loss_sum.item(), 0.75 * kl.sum() + 0.25 * (ce * m).sum(), rtol=1e-4) and norm.item() == 24
+    assert kl.min() >= 0 and np.isclose(ce_sum.item(), (ce * m).sum(), rtol=1e-4)
+
+
+# Training
+
+
+def run_train(model_path, sources, out, config, **kwargs):
+    model, tokenizer = mlx_linear.load(model_path)
+    state = train(model, tokenizer, sources, config, out, log=lambda m: None, **kwargs)
+    return state, mx.load(str(out / "last.safetensors"))
+
+
+def test_training_lowers_the_loss(data, tiny_liger, tmp_path):
+    state, _ = run_train(tiny_liger, [load_source(data["text"])], tmp_path / "a", small_config(iters=12, val_every=12))
+    vals = [e["val"]["all"]["ce"] for e in state["log"] if "val" in e]
+    assert vals[-1] < vals[0] - 0.5
+    for name in ("adapters.safetensors", "adapter_config.json", "log.csv", "loss.png", "state.json"):
+        assert (tmp_path / "a" / name).is_file()
+    # The saved best adapter loads back and reproduces its validation loss.
+    model, tokenizer = mlx_linear.load(tiny_liger, adapter_path=tmp_path / "a")
+    val_sets = validation_sets([load_source(data["text"])], tokenizer, small_config())
+    reloaded = validate(model, make_loss(), val_sets, rank=0, world=1)
+    best = min(vals)
+    assert abs(reloaded["all"]["ce"] - best) < 1e-4
+
+
+def test_resume_equals_an_uninterrupted_run(data, tiny_liger, tmp_path):
+    sources = [load_source(data["text"]), load_source(data["chat"])]
+    _, straight = run_train(tiny_liger, sources, tmp_path / "straight", small_config(iters=4))
+    run_train(tiny_liger, sources, tmp_path / "resumed", small_config(iters=2))
+    state, resumed = run_train(tiny_liger, sources, tmp_path / "resumed", small_config(iters=4), resume=True)
+    assert state["update"] == 4
+    for k in straight:
+        assert mx.allclose(straight[k], resumed[k], atol=1e-6).item(), k
+
+
+def test_ctrl_c_saves_and_resumes(data, tiny_liger, tmp_path, monkeypatch):
+    real_update = trainer_module.Trainer.update
+
+    def interrupted_update(self, data):
+        if self.run.state["update"] == 2:
+            raise KeyboardInterrupt
+        return real_update(self, data)
+
+    monkeypatch.setattr(trainer_module.Trainer, "update", interrupted_update)
+    with pytest.raises(Interrupted, match="--resume"):
+        run_train(tiny_liger, [load_source(data["text"])], tmp_path / "r", small_config())
+    assert json.loads((tmp_path / "r" / "state.json").read_text())["update"] == 2
+    monkeypatch.setattr(trainer_module.Trainer, "update", real_update)
+    state, _ = run_train(tiny_liger, [load_source(data["text"])], tmp_path / "r", small_config(), resume=True)
+    assert state["update"] == 4
+
+
+def test_non_finite_loss_stops_with_the_last_good_adapter(data, tiny_liger, tmp_path):
+    with pytest.raises(UserError, match="the loss became"):
+        run_train(tiny_liger, [load_source(data["text"])], tmp_path / "n", small_config(learning_rate=1e38))
+    saved = mx.load(str(tmp_path / "n" / "last.safetensors"))
+    assert all(mx.isfinite(w).all().item() for w in saved.values())
+    # Only the initial weights (lora_b = 0) gave a finite loss before the blow-up.
+    assert all(mx.all(w == 0).item() for k, w in saved.items() if k.endswith("lora_b"))
+
+
+def test_qlora_and_fuse(data, hf_checkpoints, tmp_path):
+    quantized = convert(tmp_path / "q", hf_source=str(hf_checkpoints["llama"]), window=8, quantize=True,
+                        q_bits=8, q_group_size=32, log=lambda m: None)
+    state, _ = run_train(quantized, [load_source(data["text"])], tmp_path / "qa", small_config(iters=6, val_every=6))
+    vals = [e["val"]["all"]["ce"] for e in state["log"] if "val" in e]
+    assert vals[-1] < vals[0]
+    tokens = mx.array([[5, 9, 33, 2, 17, 8, 44, 61]])
+    with_adapter, _ = mlx_linear.load(quantized, adapter_path=tmp_path / "qa")
+    expected = with_adapter(tokens)
+    from mlx_linear.train.fuse import fuse
+
+    fused, _ = mlx_linear.load(fuse(quantized, tmp_path / "qa", tmp_path / "fused", dequantize=True, log=lambda m: None))
+    assert "quantization" not in json.loads((tmp_path / "fused" / "config.json").read_text())
+    assert mx.allclose(fused(tokens), expected, atol=1e-3).item()
+
+
+# Command line and data parallelism
+
+
+def cli(*args, launcher=()):
+    return subprocess.run([*launcher, sys.executable, "-m", "mlx_linear", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_bad_input(data, tiny_liger, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "ok"}\nnot json\n')
+    result = cli("lora-train", "--model", str(tiny_liger), "--data", str(bad), "--iters", "1", "-o", str(tmp_path / "o"))
+    assert result.returncode != 0 and "bad.jsonl:3" in result.stderr.strip().splitlines()[-1]
+    result = cli("lora-train", "--model", str(tmp_path), "--data", str(data["text"]), "--iters", "1", "-o", str(tmp_path / "o"))
+    assert result.returncode != 0 and "not a converted model" in result.stderr
+    result = cli("lora-train", "--model", str(tiny_liger), "--data", str(data["text"]), "-o", str(tmp_path / "o"))
+    assert result.returncode != 0 and "--tokens" in result.stderr
+
+
+SCRIPT = """
+import json, sys
+import mlx_linear
+from mlx_linear.train import TrainConfig, load_source, train
+model, tokenizer = mlx_linear.load(sys.argv[1])
+config = TrainConfig(seq_len=32, batch_size=2, grad_accumulation=2, iters=2, learning_rate=1e-2, val_every=2, val_sequences=2)
+state = train(model, tokenizer, [load_source(sys.argv[2])], config, sys.argv[3], log=lambda m: None)
+"""
+
+
+def test_two_ranks_equal_one_process(data, tiny_liger, tmp_path):
+    script = tmp_path / "train_script.py"
+    script.write_text(SCRIPT)
+    args = [str(tiny_liger), str(data["text"])]
+    single = subprocess.run([sys.executable, str(script), *args, str(tmp_path / "one")], capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    launch = ["mlx.launch", "--backend", "ring", "-n", "2", "--", sys.executable, str(script), *args, str(tmp_path / "two")]
+    double = subprocess.run(launch, capture_output=True, text=True, timeout=600)
+    assert double.returncode == 0, double.stderr
+    one, two = (json.loads((tmp_path / d / "state.json").read_text()) for d in ("one", "two"))
+    losses = [[e["loss"] for e in s["log"] if "loss" in e] for s in (one, two)]
+    assert np.allclose(losses[0], losses[1], rtol=1e-5)
+    a, b = (mx.load(str(tmp_path / d / "last.safetensors")) for d in ("one", "two"))
+    assert all(mx.allclose(a[k], b[k], atol=1e-5).item() for k in a)
