@@ -2,8 +2,25 @@
 
 import click
 
+import json
+
 from mlx_linear.cli import log
+from mlx_linear.errors import UserError
 from mlx_linear.methods import METHODS
+
+
+def parse_options(pairs):
+    """["normalize=true", "scale=0.5"] -> {"normalize": True, "scale": 0.5}; values as JSON, else text."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--method-option {pair!r}: write KEY=VALUE, e.g. normalize=true")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
 
 
 @click.command()
@@ -15,12 +32,15 @@ from mlx_linear.methods import METHODS
 @click.option(
     "--full-attention-every", default=0, type=click.IntRange(0), help="Keep every N-th layer as softmax (Liger-H)."
 )
+@click.option("--method-option", "method_options", multiple=True, metavar="KEY=VALUE",
+              help="A method option, e.g. normalize=true (repeatable).")
 @click.option("--quantize", is_flag=True, help="Quantize the linear layers with mlx-lm (QLoRA-ready).")
 @click.option("--q-bits", default="4", show_default=True, type=click.Choice(["2", "3", "4", "5", "6", "8"]))
 @click.option("--q-group-size", default="64", show_default=True, type=click.Choice(["32", "64", "128"]))
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="Stored dtype [source's].")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def convert(hf_source, gguf, output, method, window, full_attention_every, quantize, q_bits, q_group_size, dtype, force):
+def convert(hf_source, gguf, output, method, window, full_attention_every, method_options, quantize, q_bits, q_group_size,
+            dtype, force):
     """Convert a checkpoint; with no --hf/--gguf, the bundled SmolLM2-135M-Instruct."""
     import mlx.core as mx
 
@@ -33,6 +53,7 @@ def convert(hf_source, gguf, output, method, window, full_attention_every, quant
         method=method,
         window=window,
         full_attention_every=full_attention_every,
+        options=parse_options(method_options),
         quantize=quantize,
         q_bits=int(q_bits),
         q_group_size=int(q_group_size),

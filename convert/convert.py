@@ -1,5 +1,6 @@
 """Checkpoint (HF folder, hub id or GGUF) -> MLX folder with linearized attention."""
 
+import inspect
 import shutil
 import time
 from dataclasses import asdict
@@ -9,6 +10,7 @@ import mlx.core as mx
 from mlx_lm.utils import quantize_model, save_config, save_model
 
 from mlx_linear.errors import UserError
+from mlx_linear.methods import METHODS
 from mlx_linear.model import Linearization, base_architecture
 from mlx_linear.utils import atomic_output, get_model_classes
 
@@ -32,6 +34,15 @@ def read_source(hf_source=None, gguf=None):
         return (*hf.read_hf(folder), folder)
     config, weights, tokenizer = read_gguf(gguf or bundled_gguf())
     return config, weights, tokenizer, mx.float16, None
+
+
+def check_options(method, options):
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}: choose one of none, {', '.join(sorted(METHODS))}")
+    accepted = [p for p in inspect.signature(METHODS[method]).parameters if p != "attention"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise UserError(f"method {method} has no option {unknown[0]!r}; its options: {', '.join(accepted) or 'none'}")
 
 
 def build_model(config, weights):
@@ -71,6 +82,7 @@ def convert(
     method="liger-gla",
     window=64,
     full_attention_every=0,
+    options=None,
     quantize=False,
     q_bits=4,
     q_group_size=64,
@@ -85,7 +97,8 @@ def convert(
     log(f"reading {hf_source or gguf or 'the bundled SmolLM2-135M-Instruct GGUF'}")
     config, weights, tokenizer, source_dtype, folder = read_source(hf_source, gguf)
     if method != "none":
-        config["linearization"] = asdict(Linearization(method, window, full_attention_every))
+        check_options(method, options or {})
+        config["linearization"] = asdict(Linearization(method, window, full_attention_every, options or {}))
     log(f"building {config['model_type']} ({len(weights)} tensors), method {method}")
     model = build_model(config, weights)
     dtype = dtype or source_dtype

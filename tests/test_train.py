@@ -14,7 +14,8 @@ from mlx_linear.errors import Interrupted, UserError
 from mlx_linear.train import TrainConfig, load_source, train
 from mlx_linear.train import trainer as trainer_module
 from mlx_linear.train.data import Encoder, Packer, documents, sequences
-from mlx_linear.train.trainer import make_loss, teacher_mode, validate, validation_sets
+from mlx_linear.train.losses import make_loss, teacher_mode
+from mlx_linear.train.trainer import validate, validation_sets
 
 WORDS = "the thin cat sat on a mat while in the house then the rain came in".split()
 
@@ -125,7 +126,7 @@ def test_losses_against_numpy(tiny_liger):
     kl = (np.exp(teacher) * (teacher - student)).sum(-1)
     loss_sum, norm, ce_sum, ce_n = make_loss()(model, inputs, targets, mask)
     assert np.isclose(loss_sum.item(), (ce * m).sum(), rtol=1e-4) and norm.item() == m.sum()
-    loss_sum, norm, ce_sum, _ = make_loss(distill=True, ce_weight=0.25)(model, inputs, targets, mask)
+    loss_sum, norm, ce_sum, _ = make_loss("distill", ce_weight=0.25)(model, inputs, targets, mask)
     assert np.isclose(loss_sum.item(), 0.75 * kl.sum() + 0.25 * (ce * m).sum(), rtol=1e-4) and norm.item() == 24
     assert kl.min() >= 0 and np.isclose(ce_sum.item(), (ce * m).sum(), rtol=1e-4)
 
@@ -247,3 +248,34 @@ def test_two_ranks_equal_one_process(data, tiny_liger, tmp_path):
     assert np.allclose(losses[0], losses[1], rtol=1e-5)
     a, b = (mx.load(str(tmp_path / d / "last.safetensors")) for d in ("one", "two"))
     assert all(mx.allclose(a[k], b[k], atol=1e-5).item() for k in a)
+
+
+def test_attention_transfer_loss_against_layer_by_layer_oracle(hf_checkpoints, tiny_liger):
+    """The original model run block by block gives each layer's input and softmax output."""
+    from mlx_lm.utils import load_model
+
+    model, _ = mlx_linear.load(tiny_liger)
+    original, _ = load_model(hf_checkpoints["llama"])
+    tokens = mx.random.randint(0, 300, (1, 24))
+    h, expected = original.model.embed_tokens(tokens), 0.0
+    for block, ours in zip(original.model.layers, model.layers):
+        x = block.input_layernorm(h)
+        y = block.self_attn(x, mask="causal")
+        expected += mx.square(ours.self_attn(x) - y).mean(-1).sum().item()
+        h = h + y
+        h = h + block.mlp(block.post_attention_layernorm(h))
+    total, norm, _, _ = make_loss("transfer")(model, tokens, tokens, mx.ones(tokens.shape, dtype=mx.bool_))
+    assert np.isclose(total.item(), expected, rtol=1e-4) and norm.item() == 24 * len(model.layers)
+
+
+def test_attention_transfer_then_cross_entropy(tiny_liger, tmp_path):
+    """Stage 1 fits the softmax attention outputs of a repeated text; stage 2 starts from it."""
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": " ".join(WORDS * 3)}] * 4)
+    sources = [load_source(text)]
+    config = small_config(objective="transfer", iters=16, grad_accumulation=1, val_every=16)
+    state, _ = run_train(tiny_liger, sources, tmp_path / "at", config)
+    vals = [e["val"]["all"] for e in state["log"] if "val" in e]
+    assert vals[-1]["loss"] < 0.8 * vals[0]["loss"] and vals[0]["ce"] > 0
+    state, _ = run_train(tiny_liger, sources, tmp_path / "ce", small_config(init_adapter=str(tmp_path / "at"), iters=1))
+    first_val = next(e["val"]["all"]["ce"] for e in state["log"] if "val" in e)
+    assert abs(first_val - vals[-1]["ce"]) < 1e-4  # stage 2 starts from stage 1's best adapter

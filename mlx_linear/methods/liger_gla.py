@@ -3,6 +3,12 @@
 log a_t = log_sigmoid(k_t) / 16 per key dim (raw key: before RoPE and the feature map, after a
 Qwen3 k_norm), phi = softmax over the head dim, scale 1, no denominator. The state lives per KV
 head: k and the gate come from the KV head, so every query head of a GQA group reads one state.
+
+Options (off by default, the paper's method):
+- normalize: divide the linear branch by phi(q) . z, z the decayed sum of phi(k) (a column of
+  ones appended to v carries z through the same scan);
+- learned_mix: one trainable mixing weight per query head, sigmoid(w) * linear +
+  (1 - sigmoid(w)) * window, starting at 0.5.
 """
 
 import mlx.core as mx
@@ -12,13 +18,33 @@ from . import register
 from .base import LinearMethod
 
 GATE_NORMALIZER = 16.0
+EPS = 1e-6
 
 
 @register
 class LigerGLA(LinearMethod):
     name = "liger-gla"
 
+    def __init__(self, attention, normalize=False, learned_mix=False):
+        super().__init__(attention)
+        self.normalize = normalize
+        if learned_mix:
+            self.mix_logit = mx.zeros((attention.n_heads, 1, 1))
+
     def features(self, q, k, v, rope):
         q, k = q.astype(mx.float32), k.astype(mx.float32)
         log_gate = nn.log_sigmoid(k) / GATE_NORMALIZER
+        if self.normalize:
+            v = mx.concatenate([v.astype(mx.float32), mx.ones(v.shape[:-1] + (1,))], axis=-1)
         return mx.softmax(q, axis=-1), mx.softmax(k, axis=-1), v, log_gate
+
+    def readout(self, output):
+        if not self.normalize:
+            return output
+        return output[..., :-1] / (output[..., -1:] + EPS)
+
+    def mix(self, linear, window):
+        if "mix_logit" not in self:
+            return super().mix(linear, window)
+        weight = mx.sigmoid(self.mix_logit)
+        return weight * linear + (1 - weight) * window

@@ -32,6 +32,8 @@ def parse_weights(data, weights):
 @click.option("--lora-targets", default="q,k,v", show_default=True, help="Any of q,k,v,o,mlp.")
 @click.option("--distill", is_flag=True, help="KL from the original model (same weights, softmax, no adapter).")
 @click.option("--ce-weight", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="With --distill.")
+@click.option("--attention-transfer", is_flag=True, help="Match each layer's softmax attention output (stage 1).")
+@click.option("--init-adapter", type=click.Path(file_okay=False), help="Start from this adapter (e.g. stage 1).")
 @click.option("--grad-checkpoint", is_flag=True, help="Recompute each layer in the backward pass (less memory).")
 @click.option("--val-every", default=50, show_default=True, type=click.IntRange(1), help="Updates between validations.")
 @click.option("--val-sequences", default=4, show_default=True, type=click.IntRange(1), help="Per data source.")
@@ -47,7 +49,11 @@ def lora_train(model, data, data_weights, output, **options):
     targets = tuple(t.strip() for t in options.pop("lora_targets").split(",") if t.strip())
     alpha = options.pop("lora_alpha")
     resume, force = options.pop("resume"), options.pop("force")
-    config = TrainConfig(lora_targets=targets, lora_scale=alpha / options["lora_rank"], **options)
+    distill, transfer = options.pop("distill"), options.pop("attention_transfer")
+    if distill and transfer:
+        raise UserError("choose one of --distill and --attention-transfer")
+    objective = "distill" if distill else "transfer" if transfer else "ce"
+    config = TrainConfig(lora_targets=targets, lora_scale=alpha / options["lora_rank"], objective=objective, **options)
     config.updates  # a missing budget fails before any loading
     sources = [load_source(d, w, seed=config.seed) for d, w in zip(data, parse_weights(data, data_weights))]
     model_obj, tokenizer = load(model)

@@ -1,6 +1,5 @@
-"""LoRA uptraining of a linearized model: masked cross-entropy or distillation from the
-original model (the same weights with softmax attention and no adapter), gradient
-accumulation, data parallelism with mx.distributed, validation, best-adapter keeping.
+"""LoRA uptraining of a linearized model (objectives in losses.py): gradient accumulation,
+data parallelism with mx.distributed, validation, best-adapter keeping, resume.
 """
 
 import json
@@ -17,13 +16,13 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
-from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.trainer import grad_checkpoint
 
-from ..adapters import ADAPTER_FILE, apply_lora, lora_config, read_adapter_config, save_adapter
+from ..adapters import ADAPTER_FILE, apply_lora, load_adapter, lora_config, read_adapter_config, save_adapter
 from ..errors import Interrupted, UserError
 from ..progress import Progress
 from .data import Packer, sequences
+from .losses import make_loss
 
 LAST_FILE = "last.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -47,8 +46,9 @@ class TrainConfig:
     lora_scale: float = 1.0  # alpha / rank
     lora_dropout: float = 0.0
     lora_targets: Sequence[str] = ("q", "k", "v")
-    distill: bool = False
+    objective: str = "ce"  # ce, distill or transfer (see losses.py)
     ce_weight: float = 0.0  # with distill: share of cross-entropy in the loss
+    init_adapter: Optional[str] = None  # start from these LoRA weights (e.g. an attention-transfer run)
     grad_checkpoint: bool = False
     val_every: int = 50  # updates
     val_sequences: int = 4  # per data source
@@ -65,45 +65,6 @@ class TrainConfig:
         if self.tokens:
             return max(1, math.ceil(self.tokens / self.tokens_per_update))
         raise UserError("give a budget: --iters N or --tokens N")
-
-
-class teacher_mode:
-    """The original model on the same weights: softmax attention everywhere, LoRA off."""
-
-    def __init__(self, model):
-        self.model = model
-        self.loras = [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
-
-    def __enter__(self):
-        self.scales = [m.scale for m in self.loras]
-        for m in self.loras:
-            m.scale = 0.0
-        self.model.use_softmax_attention(True)
-
-    def __exit__(self, *exc):
-        for m, scale in zip(self.loras, self.scales):
-            m.scale = scale
-        self.model.use_softmax_attention(False)
-
-
-def make_loss(distill=False, ce_weight=0.0):
-    """Returns loss(model, inputs, targets, mask) -> (loss sum, normaliser, CE sum, CE tokens)."""
-
-    def loss(model, inputs, targets, mask):
-        logits = model(inputs).astype(mx.float32)
-        ce_sum = (nn.losses.cross_entropy(logits, targets) * mask).sum()
-        n_targets = mask.sum()
-        if not distill:
-            return ce_sum, n_targets, ce_sum, n_targets
-        with teacher_mode(model):
-            teacher = mx.stop_gradient(model(inputs).astype(mx.float32))
-        teacher_logp = teacher - mx.logsumexp(teacher, axis=-1, keepdims=True)
-        student_logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        kl = (mx.exp(teacher_logp) * (teacher_logp - student_logp)).sum(axis=-1)
-        positions = mx.array(kl.size, dtype=mx.float32)
-        return (1 - ce_weight) * kl.sum() + ce_weight * ce_sum, positions, ce_sum, n_targets
-
-    return loss
 
 
 def batches(stream, batch_size, rank, world):
@@ -146,7 +107,7 @@ class Run:
         series = {"train": ([e["tokens"] for e in updates], [e["loss"] for e in updates])}
         for name in vals[0]["val"] if vals else ():
             series[f"valid {name}"] = ([e["tokens"] for e in vals], [e["val"][name]["loss"] for e in vals])
-        panel = {"x": "tokens", "y": "distillation loss" if self.config.distill else "cross-entropy", "series": series}
+        panel = {"x": "tokens", "y": f"{self.config.objective} loss", "series": series}
         line_plot(self.folder / "loss.png", [panel], title=f"lora-train: {self.folder.name}")
 
     def save(self, model, optimizer, best=False):
@@ -187,14 +148,22 @@ def prepare_output(folder, resume, force):
     return None
 
 
-def validate(model, loss, val_sets, rank, world):
-    """Loss per data source (and overall), each rank taking its share of the sequences."""
+def validate(model, loss, val_sets, rank, world, with_ce=False):
+    """Loss and cross-entropy per data source (and overall), each rank taking its share.
+
+    `with_ce`: the objective reports no cross-entropy, so run one more forward for it.
+    """
+    ce = make_loss("ce")
     results = {}
     for name, seqs in val_sets.items():
         totals = mx.zeros(4)
         for tokens, mask in seqs[rank::world]:
             tokens, mask = mx.array(tokens)[None], mx.array(mask)[None]
-            totals = totals + mx.stack(loss(model, tokens[:, :-1], tokens[:, 1:], mask[:, 1:]))
+            args = (model, tokens[:, :-1], tokens[:, 1:], mask[:, 1:])
+            values = loss(*args)
+            if with_ce:
+                values = values[:2] + ce(*args)[2:]
+            totals = totals + mx.stack(values)
             mx.eval(totals)
         totals = mx.distributed.all_sum(totals, stream=mx.cpu) if world > 1 else totals
         loss_sum, norm, ce_sum, ce_n = totals.tolist()
@@ -210,7 +179,7 @@ class Trainer:
         self.model, self.config, self.run = model, config, run
         self.rank, self.size = world.rank(), world.size()
         self.optimizer = optim.AdamW(config.learning_rate, weight_decay=config.weight_decay, bias_correction=True)
-        self.loss = make_loss(config.distill, config.ce_weight)
+        self.loss = make_loss(config.objective, config.ce_weight)
         self.value_and_grad = nn.value_and_grad(model, self.loss)
         self.previous = None
 
@@ -261,7 +230,7 @@ class Trainer:
             self.model.update(params)
 
     def checkpoint(self, val_sets):
-        val = validate(self.model, self.loss, val_sets, self.rank, self.size)
+        val = validate(self.model, self.loss, val_sets, self.rank, self.size, self.config.objective == "transfer")
         self.run.save(self.model, self.optimizer, best=self.run.record_validation(val))
         return val
 
@@ -281,9 +250,13 @@ def train(model, tokenizer, sources, config: TrainConfig, output, resume=False, 
     lora = prepare_output(output, resume, force) if world.rank() == 0 else None
     if resume and lora is None:
         lora = read_adapter_config(output)
-    lora = lora or lora_config(model, config.lora_rank, config.lora_scale, config.lora_dropout, config.lora_targets)
     mx.random.seed(config.seed)  # the same LoRA initialisation on every rank and every run
-    apply_lora(model, lora)
+    if config.init_adapter and not resume:
+        load_adapter(model, config.init_adapter)
+        lora = read_adapter_config(config.init_adapter)
+    else:
+        lora = lora or lora_config(model, config.lora_rank, config.lora_scale, config.lora_dropout, config.lora_targets)
+        apply_lora(model, lora)
     run = Run(output, lora, config, writer=world.rank() == 0)
     trainer = Trainer(model, config, run, world)
     if resume:

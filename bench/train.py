@@ -1,0 +1,91 @@
+"""LoRA training speed and peak memory: mlx_linear lora-train on the converted SmolLM2 against
+mlx-lm's own trainer (mlx_lm.tuner.trainer.train) on the original transformer, same data.
+
+    python bench/train.py [--seq-lens 1024,4096] [--steps 3] [--data ../shared/data/gentext]
+"""
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from common import write_json
+
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx_lm.tuner.callbacks import TrainingCallback
+from mlx_lm.tuner.trainer import TrainingArgs
+from mlx_lm.tuner.trainer import train as mlx_lm_train
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+import mlx_linear
+from mlx_linear.adapters import lora_config
+from mlx_linear.convert import bundled_model
+from mlx_linear.train import TrainConfig, load_source, train
+from mlx_linear.train.data import sequences
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gentext"
+
+
+def ours(source, seq_len, steps):
+    model, tokenizer = mlx_linear.load(bundled_model("liger-gla"))
+    config = TrainConfig(seq_len=seq_len, grad_accumulation=1, iters=steps, val_every=10**9, val_sequences=1)
+    mx.reset_peak_memory()
+    with tempfile.TemporaryDirectory() as out:
+        state = train(model, tokenizer, [source], config, out)
+    rates = [e["tokens_per_second"] for e in state["log"] if "loss" in e][1:]  # the first step warms up
+    return {"tokens_per_second": sum(rates) / len(rates), "peak_memory_gb": mx.get_peak_memory() / 1e9}
+
+
+class Recorder(TrainingCallback):
+    def __init__(self):
+        self.reports = []
+
+    def on_train_loss_report(self, info):
+        self.reports.append(info)
+
+
+def original(source, seq_len, steps):
+    """mlx-lm's LoRA trainer on the original transformer (float32 on the CPU), LoRA on q, k, v."""
+    model, tokenizer = mlx_linear.load(bundled_model("none"))
+    model.freeze()
+    linear_to_lora_layers(model, len(model.layers), lora_config(model)["lora_parameters"])
+    stream = sequences([source], tokenizer, seq_len)
+
+    def iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
+        while True:
+            tokens, _ = next(stream)
+            yield mx.array([tokens]), mx.array([[0, seq_len]])
+
+    recorder = Recorder()
+    mx.reset_peak_memory()
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArgs(batch_size=1, iters=2 * steps, steps_per_report=steps, steps_per_eval=10**9,
+                            max_seq_length=seq_len + 1, adapter_file=str(Path(out) / "a.safetensors"))
+        mlx_lm_train(model, optim.AdamW(1e-3), [0], None, args, iterate_batches=iterate_batches, training_callback=recorder)
+    # The second report window excludes compilation and warm-up.
+    return {"tokens_per_second": recorder.reports[-1]["tokens_per_second"], "peak_memory_gb": mx.get_peak_memory() / 1e9}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", default="1024,4096")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--data", default=str(DATA))
+    args = parser.parse_args()
+    source = load_source(args.data)
+    results = []
+    for seq_len in map(int, args.seq_lens.split(",")):
+        row = {"seq_len": seq_len, "linearized": ours(source, seq_len, args.steps), "original": original(source, seq_len, args.steps + 1)}
+        row["speed_ratio"] = row["linearized"]["tokens_per_second"] / row["original"]["tokens_per_second"]
+        row["memory_ratio"] = row["linearized"]["peak_memory_gb"] / row["original"]["peak_memory_gb"]
+        results.append(row)
+        print(f"seq {seq_len}: lora-train {row['linearized']['tokens_per_second']:.1f} tok/s, "
+              f"{row['linearized']['peak_memory_gb']:.2f} GB | mlx-lm original {row['original']['tokens_per_second']:.1f} tok/s, "
+              f"{row['original']['peak_memory_gb']:.2f} GB | speed x{row['speed_ratio']:.2f}, memory x{row['memory_ratio']:.2f}",
+              flush=True)
+    path = write_json("train", {"results": results, "steps": args.steps, "data": args.data})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
