@@ -29,6 +29,8 @@ def parse_options(pairs):
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--method", default="liger-gla", show_default=True, type=click.Choice(["none", *sorted(METHODS)]))
 @click.option("--window", default=64, show_default=True, type=click.IntRange(1), help="Sliding-window size.")
+@click.option("--sinks", default=0, show_default=True, type=click.IntRange(0),
+              help="First tokens every query also attends (attention sinks; kept in the cache).")
 @click.option(
     "--full-attention-every", default=0, type=click.IntRange(0), help="Keep every N-th layer as softmax (Liger-H)."
 )
@@ -39,7 +41,7 @@ def parse_options(pairs):
 @click.option("--q-group-size", default="64", show_default=True, type=click.Choice(["32", "64", "128"]))
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="Stored dtype [source's].")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def convert(hf_source, gguf, output, method, window, full_attention_every, method_options, quantize, q_bits, q_group_size,
+def convert(hf_source, gguf, output, method, window, sinks, full_attention_every, method_options, quantize, q_bits, q_group_size,
             dtype, force):
     """Convert a checkpoint; with no --hf/--gguf, the bundled SmolLM2-135M-Instruct."""
     import mlx.core as mx
@@ -52,6 +54,7 @@ def convert(hf_source, gguf, output, method, window, full_attention_every, metho
         gguf=gguf,
         method=method,
         window=window,
+        sinks=sinks,
         full_attention_every=full_attention_every,
         options=parse_options(method_options),
         quantize=quantize,

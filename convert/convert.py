@@ -81,6 +81,7 @@ def convert(
     gguf=None,
     method="liger-gla",
     window=64,
+    sinks=0,
     full_attention_every=0,
     options=None,
     quantize=False,
@@ -98,7 +99,7 @@ def convert(
     config, weights, tokenizer, source_dtype, folder = read_source(hf_source, gguf)
     if method != "none":
         check_options(method, options or {})
-        config["linearization"] = asdict(Linearization(method, window, full_attention_every, options or {}))
+        config["linearization"] = asdict(Linearization(method, window, sinks, full_attention_every, options or {}))
     log(f"building {config['model_type']} ({len(weights)} tensors), method {method}")
     model = build_model(config, weights)
     dtype = dtype or source_dtype

@@ -9,24 +9,28 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_lm.models.base import scaled_dot_product_attention
+
 from .window import sliding_window_attention
 
 PRETRAINED = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 
 
-def keep_last(cache, size):
-    """Drop what a multi-token RotatingKVCache update keeps beyond `size` entries.
+def keep_last(cache):
+    """Drop what a multi-token RotatingKVCache update holds beyond its sinks and window.
 
-    mlx-lm keeps max_size + L - 1 keys after a prefill of L; the window needs only `size`.
+    mlx-lm keeps max_size + L - 1 keys after a prefill of L (in temporal order); decoding
+    needs only the `keep` sinks and the most recent max_size - keep.
     """
+    size, keep = cache.max_size, cache.keep
     if cache.keys is not None and cache.keys.shape[2] > size:
-        cache.keys = mx.contiguous(cache.keys[..., -size:, :])
-        cache.values = mx.contiguous(cache.values[..., -size:, :])
+        trim = lambda x: mx.contiguous(mx.concatenate([x[..., :keep, :], x[..., keep - size :, :]], axis=2))  # noqa: E731
+        cache.keys, cache.values = trim(cache.keys), trim(cache.values)
         cache._idx = size
 
 
 class LinearizedAttention(nn.Module):
-    def __init__(self, attention: nn.Module, method: nn.Module, window: int):
+    def __init__(self, attention: nn.Module, method: nn.Module, window: int, sinks: int = 0):
         super().__init__()
         for name in PRETRAINED:
             if hasattr(attention, name):
@@ -37,6 +41,7 @@ class LinearizedAttention(nn.Module):
         self.scale = attention.scale
         self.method = method
         self.window = window
+        self.sinks = sinks
         # The pretrained forward, run on these same weights when softmax attention is wanted.
         self.softmax_forward = type(attention).__call__
         self.use_softmax = False
@@ -67,7 +72,17 @@ class LinearizedAttention(nn.Module):
             state_cache[0] = state
             state_cache.advance(L)
             k, v = window_cache.update_and_fetch(k, v)
-            keep_last(window_cache, self.window)
-        window = sliding_window_attention(q, k, v, self.window, self.scale)
+            keep_last(window_cache)
+        window = self.window_attention(q, k, v, offset)
         out = self.method.mix(linear, window).astype(x.dtype)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def window_attention(self, q, k, v, offset):
+        """k, v: the cache's keys (sinks first, in temporal order) followed by the L current ones."""
+        L, S = q.shape[2], self.sinks
+        if L == 1:  # decoding: the ring buffer holds exactly the sinks and the window
+            return scaled_dot_product_attention(q, k, v, cache=None, scale=self.scale, mask=None)
+        sinks = (k[..., :S, :], v[..., :S, :]) if S else None
+        recent = min(k.shape[2], self.window - 1 + L)  # the sinks are attended separately
+        k, v = k[..., -recent:, :], v[..., -recent:, :]
+        return sliding_window_attention(q, k, v, self.window, self.scale, sinks, offset)

@@ -34,6 +34,7 @@ def base_architecture(model_type: str):
 class Linearization:
     method: str = "liger-gla"
     window: int = 64
+    sinks: int = 0  # first tokens every query also attends (StreamingLLM's attention sinks)
     full_attention_every: int = 0  # Liger-H: every N-th layer (N-1, 2N-1, ...) keeps softmax
     options: Dict[str, Any] = field(default_factory=dict)  # method-specific
 
@@ -69,7 +70,7 @@ class Model(nn.Module):
         for i, layer in enumerate(self.layers):
             if lin.is_linear(i):
                 attn = layer.self_attn
-                layer.self_attn = LinearizedAttention(attn, method(attn, **lin.options), lin.window)
+                layer.self_attn = LinearizedAttention(attn, method(attn, **lin.options), lin.window, lin.sinks)
         self.linear_layers = [lin.is_linear(i) for i in range(len(self.layers))]
         self.full_index = self.linear_layers.index(False) if False in self.linear_layers else None
         self.softmax_everywhere = False
@@ -109,8 +110,10 @@ class Model(nn.Module):
         return lambda path, module: ".method." not in path
 
     def make_cache(self):
-        window = self.args.linearization.window
+        lin = self.args.linearization
         return [
-            CacheList(ArraysCache(1), RotatingKVCache(max_size=window)) if linear else KVCache()
+            CacheList(ArraysCache(1), RotatingKVCache(max_size=lin.window + lin.sinks, keep=lin.sinks))
+            if linear
+            else KVCache()
             for linear in self.linear_layers
         ]

@@ -1,4 +1,6 @@
-"""Sliding-window softmax attention over the last `window` keys (the current one included)."""
+"""Sliding-window softmax attention over the last `window` keys (the current one included),
+plus optional attention-sink keys: the sequence's first tokens, seen by every query
+(StreamingLLM, arXiv 2309.17453)."""
 
 import mlx.core as mx
 
@@ -15,16 +17,21 @@ def _block_mask(num_blocks, window, missing):
     return in_window & (position >= missing)
 
 
-def sliding_window_attention(q, k, v, window, scale):
+def _sink_mask(num_blocks, window, num_sinks, first_position):
+    """(num_blocks, W, S): sink u is seen by the query at position p once the window left it."""
+    query = first_position + mx.arange(num_blocks * window).reshape(num_blocks, window, 1)
+    return mx.arange(num_sinks) <= query - window
+
+
+def sliding_window_attention(q, k, v, window, scale, sinks=None, first_position=0):
     """q (B, H, L, d); k, v (B, Hkv, P + L, d): P <= window - 1 earlier keys, then the L current.
 
-    Query i attends the `window` keys ending at its own. Blocked: each block of W queries reads
-    2W keys, so time and memory are O(L * W) rather than O(L^2).
+    Query i attends the `window` keys ending at its own, and the sink keys `sinks = (k, v)`
+    (positions 0..S-1) that lie before its window; `first_position` is query 0's position.
+    Blocked: each block of W queries reads 2W (+ S) keys, so time and memory are O(L * W).
     """
     B, H, L, _ = q.shape
     Hkv, total, dv = k.shape[1], k.shape[2], v.shape[-1]
-    if L == 1:
-        return mx.fast.scaled_dot_product_attention(q, k[..., -window:, :], v[..., -window:, :], scale=scale)
     R = H // Hkv
     earlier = total - L
     num_blocks = -(-L // window)
@@ -38,9 +45,17 @@ def sliding_window_attention(q, k, v, window, scale):
         return mx.concatenate([blocks[:, :, :-1], blocks[:, :, 1:]], axis=-2)[:, :, None]
 
     q = mx.pad(q, [(0, 0), (0, 0), (0, back), (0, 0)])
-    q = q.reshape(B, Hkv, R, num_blocks, window, q.shape[-1])
-    scores = (q * scale) @ pairs(k).swapaxes(-1, -2)
-    scores = mx.where(_block_mask(num_blocks, window, missing), scores.astype(mx.float32), -mx.inf)
-    weights = mx.softmax(scores, axis=-1).astype(v.dtype)
-    out = weights @ pairs(v)
+    q = q.reshape(B, Hkv, R, num_blocks, window, q.shape[-1]) * scale
+    scores = q @ pairs(k).swapaxes(-1, -2)
+    mask = _block_mask(num_blocks, window, missing)
+    if sinks is not None:
+        sink_k, sink_v = (x[:, :, None, None] for x in sinks)
+        scores = mx.concatenate([q @ sink_k.swapaxes(-1, -2), scores], axis=-1)
+        mask = mx.concatenate([_sink_mask(num_blocks, window, sink_k.shape[-2], first_position), mask], axis=-1)
+    weights = mx.softmax(mx.where(mask, scores.astype(mx.float32), -mx.inf), axis=-1).astype(v.dtype)
+    if sinks is None:
+        out = weights @ pairs(v)
+    else:
+        S = sink_v.shape[-2]
+        out = weights[..., :S] @ sink_v + weights[..., S:] @ pairs(v)
     return out.reshape(B, H, num_blocks * window, dv)[:, :, :L]

@@ -35,7 +35,7 @@ def test_method_none_matches_mlx_lm(hf_checkpoints, tmp_path, model_type):
 def test_liger_converts_and_runs(hf_checkpoints, tmp_path, model_type):
     out = quiet(tmp_path / "liger", hf_source=str(hf_checkpoints[model_type]), full_attention_every=2)
     config = json.loads((out / "config.json").read_text())
-    assert config["linearization"] == {"method": "liger-gla", "window": 64, "full_attention_every": 2, "options": {}}
+    assert config["linearization"] == {"method": "liger-gla", "window": 64, "sinks": 0, "full_attention_every": 2, "options": {}}
     model, _ = mlx_linear.load(out)
     logits = model(TOKENS)
     assert logits.shape == (1, TOKENS.shape[1], TINY["vocab_size"]) and mx.isfinite(logits).all().item()

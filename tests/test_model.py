@@ -19,7 +19,7 @@ def tiny_model(model_type="llama", seed=0, **linearization):
     return model
 
 
-def reference_liger(attn, x, window):
+def reference_liger(attn, x, window, sinks=0):
     """Section 1 of the design file, token by token, with explicit GQA repetition."""
     B, L, _ = x.shape
     H, Hkv = attn.n_heads, attn.n_kv_heads
@@ -39,20 +39,22 @@ def reference_liger(attn, x, window):
     for t in range(L):
         S = gate[:, :, t, :, None] * S + fk[:, :, t, :, None] * v[:, :, t, None, :]
         linear = (fq[:, :, t, None, :] @ S)[:, :, 0]
-        lo = max(0, t - window + 1)
-        scores = (qr[:, :, t, None, :] @ kr[:, :, lo : t + 1].swapaxes(-1, -2))[:, :, 0] * d**-0.5
-        softmax = (mx.softmax(scores, axis=-1)[:, :, None] @ v[:, :, lo : t + 1])[:, :, 0]
+        seen = sorted(set(range(max(0, t - window + 1), t + 1)) | set(range(min(sinks, t + 1))))
+        keys, values = kr[:, :, mx.array(seen)], v[:, :, mx.array(seen)]
+        scores = (qr[:, :, t, None, :] @ keys.swapaxes(-1, -2))[:, :, 0] * d**-0.5
+        softmax = (mx.softmax(scores, axis=-1)[:, :, None] @ values)[:, :, 0]
         outputs.append(0.5 * linear + 0.5 * softmax)
     y = mx.stack(outputs, axis=2).transpose(0, 2, 1, 3).reshape(B, L, -1)
     return attn.o_proj(y)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
-def test_attention_follows_the_design(model_type):
-    model = tiny_model(model_type)
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_attention_follows_the_design(model_type, sinks):
+    model = tiny_model(model_type, sinks=sinks)
     attn = model.layers[0].self_attn
     x = mx.random.normal((2, 30, TINY["hidden_size"]))
-    assert mx.allclose(attn(x), reference_liger(attn, x, window=8), atol=1e-4).item()
+    assert mx.allclose(attn(x), reference_liger(attn, x, window=8, sinks=sinks), atol=1e-4).item()
 
 
 def incremental(model, tokens, pieces):
@@ -67,15 +69,15 @@ def incremental(model, tokens, pieces):
     return mx.concatenate(outputs, axis=1), cache
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
-@pytest.mark.parametrize("full_attention_every", [0, 2])
-def test_prefill_pieces_then_decode_equals_full_forward(model_type, full_attention_every):
+@pytest.mark.parametrize("model_type,full_attention_every,sinks", [("llama", 0, 0), ("qwen3", 0, 0), ("llama", 2, 0), ("llama", 0, 2), ("qwen3", 2, 4)])
+def test_prefill_pieces_then_decode_equals_full_forward(model_type, full_attention_every, sinks):
     """Window 8: pieces of 5, 9 and 1 then decode cross the window boundary several times."""
-    model = tiny_model(model_type, full_attention_every=full_attention_every)
+    model = tiny_model(model_type, full_attention_every=full_attention_every, sinks=sinks)
     tokens = mx.random.randint(0, TINY["vocab_size"], (2, 40))
     full = model(tokens)
-    pieces, _ = incremental(model, tokens, [5, 9, 1, 12])
-    assert mx.allclose(full, pieces, atol=1e-4).item()
+    for split in ([5, 9, 1, 12], [9, 3, 1, 10]):  # a piece starting in the window, past it
+        pieces, _ = incremental(model, tokens, split)
+        assert mx.allclose(full, pieces, atol=1e-4).item()
 
 
 def test_cache_bytes_do_not_grow():
