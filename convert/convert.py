@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from mlx_lm.utils import quantize_model, save_config, save_model
 
 from mlx_linear.errors import UserError
@@ -55,10 +56,21 @@ def build_model(config, weights):
         model = model_class(args_class.from_dict(config))
     except TypeError as e:
         raise UserError(f"config.json lacks a field the {config['model_type']} architecture needs: {e}") from e
-    try:
-        model.load_weights(list(model.sanitize(weights).items()), strict=True)
     except ValueError as e:
-        raise UserError(f"the weights do not fit the {config['model_type']} config: {e}") from e
+        raise UserError(f"cannot build the model: {e}") from e
+    weights = model.sanitize(weights)
+    expected = dict(tree_flatten(model.parameters()))
+    # A method's own parameters (e.g. mixing weights) start from their initial values.
+    missing = [k for k in expected if k not in weights and ".method." not in k]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [k for k in weights if k in expected and weights[k].shape != expected[k].shape]
+    for problem, names in (("lacks", missing), ("has unexpected", unexpected), ("has a wrong shape for", wrong)):
+        if names:
+            raise UserError(
+                f"the weights do not fit the {config['model_type']} config: the checkpoint {problem} {names[0]} "
+                f"(and {len(names) - 1} more); check config.json against the weights"
+            )
+    model.load_weights(list(weights.items()), strict=False)
     return model
 
 

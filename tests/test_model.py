@@ -3,6 +3,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from mlx_linear.model import Model, ModelArgs
@@ -19,7 +20,7 @@ def tiny_model(model_type="llama", seed=0, **linearization):
     return model
 
 
-def reference_liger(attn, x, window, sinks=0):
+def reference_liger(attn, x, window, sinks=0, normalize=False, mix=0.5):
     """Section 1 of the design file, token by token, with explicit GQA repetition."""
     B, L, _ = x.shape
     H, Hkv = attn.n_heads, attn.n_kv_heads
@@ -34,16 +35,19 @@ def reference_liger(attn, x, window, sinks=0):
     fq, fk = mx.softmax(q, axis=-1), mx.softmax(k, axis=-1)
     qr, kr = attn.rope(q), attn.rope(k)
     d = q.shape[-1]
-    S = mx.zeros((B, H, d, d))
+    S, z = mx.zeros((B, H, d, d)), mx.zeros((B, H, d))
     outputs = []
     for t in range(L):
         S = gate[:, :, t, :, None] * S + fk[:, :, t, :, None] * v[:, :, t, None, :]
+        z = gate[:, :, t] * z + fk[:, :, t]
         linear = (fq[:, :, t, None, :] @ S)[:, :, 0]
+        if normalize:
+            linear = linear / ((fq[:, :, t] * z).sum(-1, keepdims=True) + 1e-6)
         seen = sorted(set(range(max(0, t - window + 1), t + 1)) | set(range(min(sinks, t + 1))))
         keys, values = kr[:, :, mx.array(seen)], v[:, :, mx.array(seen)]
         scores = (qr[:, :, t, None, :] @ keys.swapaxes(-1, -2))[:, :, 0] * d**-0.5
         softmax = (mx.softmax(scores, axis=-1)[:, :, None] @ values)[:, :, 0]
-        outputs.append(0.5 * linear + 0.5 * softmax)
+        outputs.append(mix * linear + (1 - mix) * softmax)
     y = mx.stack(outputs, axis=2).transpose(0, 2, 1, 3).reshape(B, L, -1)
     return attn.o_proj(y)
 
@@ -55,6 +59,17 @@ def test_attention_follows_the_design(model_type, sinks):
     attn = model.layers[0].self_attn
     x = mx.random.normal((2, 30, TINY["hidden_size"]))
     assert mx.allclose(attn(x), reference_liger(attn, x, window=8, sinks=sinks), atol=1e-4).item()
+
+
+@pytest.mark.parametrize("learned_mix", [False, True])
+def test_normalized_and_mixed_variant(learned_mix):
+    options = {"normalize": True, "mix": 0.1, "learned_mix": learned_mix}
+    model = tiny_model("llama", sinks=2, options=options)
+    attn = model.layers[1].self_attn
+    x = mx.random.normal((1, 25, TINY["hidden_size"]))
+    expected = reference_liger(attn, x, window=8, sinks=2, normalize=True, mix=0.1)
+    assert mx.allclose(attn(x), expected, atol=1e-4).item()
+    assert ("method.mix_logit" in dict(tree_flatten(attn.parameters()))) == learned_mix
 
 
 def incremental(model, tokens, pieces):

@@ -4,12 +4,14 @@ log a_t = log_sigmoid(k_t) / 16 per key dim (raw key: before RoPE and the featur
 Qwen3 k_norm), phi = softmax over the head dim, scale 1, no denominator. The state lives per KV
 head: k and the gate come from the KV head, so every query head of a GQA group reads one state.
 
-Options (off by default, the paper's method):
+Options (the defaults are the paper's method):
 - normalize: divide the linear branch by phi(q) . z, z the decayed sum of phi(k) (a column of
   ones appended to v carries z through the same scan);
-- learned_mix: one trainable mixing weight per query head, sigmoid(w) * linear +
-  (1 - sigmoid(w)) * window, starting at 0.5.
+- mix: the linear branch's weight, mix * linear + (1 - mix) * window (0.5);
+- learned_mix: one trainable weight per query head, sigmoid(w), starting at `mix`.
 """
+
+import math
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,11 +27,13 @@ EPS = 1e-6
 class LigerGLA(LinearMethod):
     name = "liger-gla"
 
-    def __init__(self, attention, normalize=False, learned_mix=False):
+    def __init__(self, attention, normalize=False, mix=0.5, learned_mix=False):
         super().__init__(attention)
-        self.normalize = normalize
+        if not 0 < mix < 1:
+            raise ValueError(f"mix={mix}: the linear branch's weight must lie strictly between 0 and 1")
+        self.normalize, self.linear_weight = normalize, mix
         if learned_mix:
-            self.mix_logit = mx.zeros((attention.n_heads, 1, 1))
+            self.mix_logit = mx.full((attention.n_heads, 1, 1), math.log(mix / (1 - mix)))
 
     def features(self, q, k, v, rope):
         q, k = q.astype(mx.float32), k.astype(mx.float32)
@@ -44,7 +48,5 @@ class LigerGLA(LinearMethod):
         return output[..., :-1] / (output[..., -1:] + EPS)
 
     def mix(self, linear, window):
-        if "mix_logit" not in self:
-            return super().mix(linear, window)
-        weight = mx.sigmoid(self.mix_logit)
+        weight = mx.sigmoid(self.mix_logit) if "mix_logit" in self else self.linear_weight
         return weight * linear + (1 - weight) * window
