@@ -141,11 +141,9 @@ def prepare_output(folder, resume, force):
         missing = [f for f in (LAST_FILE, OPTIMIZER_FILE, STATE_FILE) if not (folder / f).is_file()]
         if missing:
             raise UserError(f"cannot resume from {folder}: {missing[0]} is missing (start without --resume)")
-        return read_adapter_config(folder)
-    if folder.exists() and any(folder.iterdir()) and not force:
+    elif folder.exists() and any(folder.iterdir()) and not force:
         raise UserError(f"{folder} already holds a run: pass --resume to continue it or --force to start over")
     folder.mkdir(parents=True, exist_ok=True)
-    return None
 
 
 def validate(model, loss, val_sets, rank, world, with_ce=False):
@@ -247,15 +245,16 @@ def validation_sets(sources, tokenizer, config):
 def train(model, tokenizer, sources, config: TrainConfig, output, resume=False, force=False, log=print):
     """Train LoRA adapters (and method parameters) on `sources`; returns the run's state."""
     world = mx.distributed.init()
-    lora = prepare_output(output, resume, force) if world.rank() == 0 else None
-    if resume and lora is None:
-        lora = read_adapter_config(output)
+    if world.rank() == 0:
+        prepare_output(output, resume, force)
     mx.random.seed(config.seed)  # the same LoRA initialisation on every rank and every run
     if config.init_adapter and not resume:
         load_adapter(model, config.init_adapter)
         lora = read_adapter_config(config.init_adapter)
     else:
-        lora = lora or lora_config(model, config.lora_rank, config.lora_scale, config.lora_dropout, config.lora_targets)
+        lora = read_adapter_config(output) if resume else lora_config(
+            model, config.lora_rank, config.lora_scale, config.lora_dropout, config.lora_targets
+        )
         apply_lora(model, lora)
     run = Run(output, lora, config, writer=world.rank() == 0)
     trainer = Trainer(model, config, run, world)
