@@ -20,7 +20,7 @@ def tiny_model(model_type="llama", seed=0, **linearization):
     return model
 
 
-def reference_liger(attn, x, window, sinks=0, normalize=False, mix=0.5):
+def reference_liger(attn, x, window, sinks=0, normalize=False, mix=0.5, maps=None):
     """Section 1 of the design file, token by token, with explicit GQA repetition."""
     B, L, _ = x.shape
     H, Hkv = attn.n_heads, attn.n_kv_heads
@@ -30,9 +30,10 @@ def reference_liger(attn, x, window, sinks=0, normalize=False, mix=0.5):
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    gate = mx.repeat(mx.exp(nn.log_sigmoid(k) / 16), H // Hkv, axis=1)
+    fq, fk = (q, k) if maps is None else (q @ maps[0], k @ maps[1])
+    fq, fk = mx.softmax(fq, axis=-1), mx.repeat(mx.softmax(fk, axis=-1), H // Hkv, axis=1)
     k, v = mx.repeat(k, H // Hkv, axis=1), mx.repeat(v, H // Hkv, axis=1)
-    gate = mx.exp(nn.log_sigmoid(k) / 16)
-    fq, fk = mx.softmax(q, axis=-1), mx.softmax(k, axis=-1)
     qr, kr = attn.rope(q), attn.rope(k)
     d = q.shape[-1]
     S, z = mx.zeros((B, H, d, d)), mx.zeros((B, H, d))
@@ -70,6 +71,17 @@ def test_normalized_and_mixed_variant(learned_mix):
     expected = reference_liger(attn, x, window=8, sinks=2, normalize=True, mix=0.1)
     assert mx.allclose(attn(x), expected, atol=1e-4).item()
     assert ("method.mix_logit" in dict(tree_flatten(attn.parameters()))) == learned_mix
+
+
+def test_feature_projections():
+    model = tiny_model("llama", options={"feature_proj": True})
+    attn = model.layers[0].self_attn
+    x = mx.random.normal((1, 20, TINY["hidden_size"]))
+    assert mx.allclose(attn(x), reference_liger(attn, x, window=8), atol=1e-4).item()  # identity at first
+    attn.method.q_map = attn.method.q_map + 0.3 * mx.random.normal(attn.method.q_map.shape)
+    attn.method.k_map = attn.method.k_map + 0.3 * mx.random.normal(attn.method.k_map.shape)
+    maps = (attn.method.q_map, attn.method.k_map)
+    assert mx.allclose(attn(x), reference_liger(attn, x, window=8, maps=maps), atol=1e-4).item()
 
 
 def incremental(model, tokens, pieces):

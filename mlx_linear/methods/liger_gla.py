@@ -8,7 +8,10 @@ Options (the defaults are the paper's method):
 - normalize: divide the linear branch by phi(q) . z, z the decayed sum of phi(k) (a column of
   ones appended to v carries z through the same scan);
 - mix: the linear branch's weight, mix * linear + (1 - mix) * window (0.5);
-- learned_mix: one trainable weight per query head, sigmoid(w), starting at `mix`.
+- learned_mix: one trainable weight per query head, sigmoid(w), starting at `mix`;
+- feature_proj: trainable per-head d x d maps before the feature maps of the linear branch,
+  phi(q W_q), phi(k W_k), starting at the identity (as LoLCATs' learned feature maps, they
+  let the linear branch adapt without moving the window branch's q and k).
 """
 
 import math
@@ -27,17 +30,23 @@ EPS = 1e-6
 class LigerGLA(LinearMethod):
     name = "liger-gla"
 
-    def __init__(self, attention, normalize=False, mix=0.5, learned_mix=False):
+    def __init__(self, attention, normalize=False, mix=0.5, learned_mix=False, feature_proj=False):
         super().__init__(attention)
         if not 0 < mix < 1:
             raise ValueError(f"mix={mix}: the linear branch's weight must lie strictly between 0 and 1")
         self.normalize, self.linear_weight = normalize, mix
         if learned_mix:
             self.mix_logit = mx.full((attention.n_heads, 1, 1), math.log(mix / (1 - mix)))
+        if feature_proj:
+            d = attention.q_proj.weight.shape[0] // attention.n_heads
+            self.q_map = mx.broadcast_to(mx.eye(d), (attention.n_heads, d, d))
+            self.k_map = mx.broadcast_to(mx.eye(d), (attention.n_kv_heads, d, d))
 
     def features(self, q, k, v, rope):
         q, k = q.astype(mx.float32), k.astype(mx.float32)
-        log_gate = nn.log_sigmoid(k) / GATE_NORMALIZER
+        log_gate = nn.log_sigmoid(k) / GATE_NORMALIZER  # from the raw key, whatever the maps
+        if "q_map" in self:
+            q, k = q @ self.q_map, k @ self.k_map
         if self.normalize:
             v = mx.concatenate([v.astype(mx.float32), mx.ones(v.shape[:-1] + (1,))], axis=-1)
         return mx.softmax(q, axis=-1), mx.softmax(k, axis=-1), v, log_gate

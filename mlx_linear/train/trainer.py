@@ -41,7 +41,8 @@ class TrainConfig:
     iters: Optional[int] = None  # optimizer updates; or a token budget:
     tokens: Optional[int] = None
     learning_rate: float = 1e-3
-    weight_decay: float = 0.01
+    method_lr: Optional[float] = None  # for a method's own parameters; default learning_rate
+    weight_decay: float = 0.01  # LoRA weights only
     lora_rank: int = 8
     lora_scale: float = 1.0  # alpha / rank
     lora_dropout: float = 0.0
@@ -170,13 +171,20 @@ def validate(model, loss, val_sets, rank, world, with_ce=False):
     return results
 
 
+def make_optimizer(config):
+    """AdamW; a method's parameters (e.g. identity-initialised maps) get no weight decay."""
+    lora = optim.AdamW(config.learning_rate, weight_decay=config.weight_decay, bias_correction=True)
+    method = optim.AdamW(config.method_lr or config.learning_rate, weight_decay=0.0, bias_correction=True)
+    return optim.MultiOptimizer([method, lora], [lambda path, _: ".method." in path])
+
+
 class Trainer:
     """One process's share of a run: model, optimizer, data, and the update step."""
 
     def __init__(self, model, config, run, world):
         self.model, self.config, self.run = model, config, run
         self.rank, self.size = world.rank(), world.size()
-        self.optimizer = optim.AdamW(config.learning_rate, weight_decay=config.weight_decay, bias_correction=True)
+        self.optimizer = make_optimizer(config)
         self.loss = make_loss(config.objective, config.ce_weight)
         self.value_and_grad = nn.value_and_grad(model, self.loss)
         self.previous = None
