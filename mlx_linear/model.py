@@ -109,6 +109,8 @@ class Model(nn.Module):
         return lambda path, module: ".method." not in path
 
     def make_cache(self):
+        if self.softmax_everywhere:
+            return [KVCache() for _ in self.layers]
         window = self.args.linearization.window
         return [
             CacheList(ArraysCache(1), RotatingKVCache(max_size=window)) if linear else KVCache()
