@@ -12,6 +12,7 @@ COMMANDS = {
     "convert": "mlx_linear.convert.cli:convert",
     "lora-train": "mlx_linear.train.cli:lora_train",
     "fuse": "mlx_linear.train.cli:fuse",
+    "eval": "mlx_linear.eval.cli:eval_command",
 }
 
 

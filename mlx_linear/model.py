@@ -110,6 +110,8 @@ class Model(nn.Module):
         return lambda path, module: ".method." not in path
 
     def make_cache(self):
+        if self.softmax_everywhere:
+            return [KVCache() for _ in self.layers]
         lin = self.args.linearization
         return [
             CacheList(ArraysCache(1), RotatingKVCache(max_size=lin.window + lin.sinks, keep=lin.sinks))

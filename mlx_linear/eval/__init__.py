@@ -1,0 +1,4 @@
+"""Zero-shot evaluation and perplexity, scored like lm-evaluation-harness."""
+
+from .runner import DEFAULT_TASKS, evaluate, run_tasks  # noqa: F401
+from .tasks import TASKS, LastWord, MultipleChoice, Perplexity, Task, register_task  # noqa: F401
