@@ -13,8 +13,6 @@ from test_scan import make_inputs
 from mlx_linear import kernels
 from mlx_linear.scan import gla_recurrent, gla_scan
 
-pytestmark = pytest.mark.skipif(compiler() is None, reason="the Metal emulation needs clang++ (apt-get install clang)")
-
 # One schedule for the bulk of the cases; the race tests run two and compare them.
 EMULATED = kernels.make_kernels(lambda **spec: metal_kernel(**spec, schedules=(0,)))
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
@@ -24,6 +22,8 @@ CASES = [(B, T, d, dtype) for B in (1, 2) for T in (1, 7, 64, 129) for d in (32,
 @pytest.fixture
 def emulated(monkeypatch):
     """gla_scan as on an Apple GPU, with the Metal kernels run by the emulator."""
+    if compiler() is None:
+        pytest.skip("the Metal emulation needs Linux and clang++ (apt-get install clang)")
     monkeypatch.delenv("MLX_LINEAR_KERNELS", raising=False)
     monkeypatch.setattr(kernels, "_kernels", EMULATED)
     monkeypatch.setattr(kernels, "_metal_ready", lambda: True)
@@ -106,6 +106,15 @@ def test_no_kernel_without_metal_or_when_turned_off(monkeypatch):
     assert kernels.make_kernels() is None or mx.metal.is_available()
 
 
+@pytest.mark.skipif(not mx.metal.is_available(), reason="runs the kernels on an Apple GPU")
+@pytest.mark.parametrize("B,T,d,dtype", [(1, 1, 64, mx.float16), (2, 129, 128, mx.bfloat16), (1, 300, 64, mx.float32)])
+def test_kernels_on_an_apple_gpu(monkeypatch, B, T, d, dtype):
+    monkeypatch.delenv("MLX_LINEAR_KERNELS", raising=False)
+    with mx.stream(mx.gpu):
+        assert kernels.scan_kernel() is kernels.gla_metal
+        assert_matches(case(B, T, d, dtype), gradient_tolerance=1e-4 if dtype == mx.float32 else 1e-2)
+
+
 @pytest.mark.parametrize("B,T,d,dtype", [(1, 64, 64, mx.float32), (2, 7, 128, mx.bfloat16)])
 def test_kernels_do_not_depend_on_the_simdgroup_order(emulated, monkeypatch, B, T, d, dtype):
     monkeypatch.setattr(kernels, "_kernels", kernels.make_kernels(metal_kernel))  # both schedules
@@ -139,7 +148,8 @@ def test_harness_catches_a_missing_barrier(emulated, monkeypatch):
     grads_ref = vjp(gla_recurrent, inputs)[1]
     # One schedule: a simdgroup runs ahead and reads rows the others have not written yet.
     monkeypatch.setattr(kernels, "_kernels", dict(EMULATED, backward=mutated("backward", barrier, "", schedules=(0,))))
-    errors = {name: max_error(g, g_ref) for name, g, g_ref in zip("q k v log_g state".split(), vjp(gla_scan, inputs)[1], grads_ref)}
+    grads = vjp(gla_scan, inputs)[1]
+    errors = {name: max_error(g, g_ref) for name, g, g_ref in zip("q k v log_g state".split(), grads, grads_ref)}
     assert errors["v"] > 1e-2  # dv is summed over rows in threadgroup memory
     assert max(errors[name] for name in ("q", "k", "log_g", "state")) < 1e-5
     # Two schedules: the results differ, which is reported as a race.
@@ -155,7 +165,7 @@ def test_harness_reports_writes_outside_a_buffer(emulated, monkeypatch):
         mx.eval(gla_scan(*case(1, 7, 32)))
 
 
-def test_harness_runs_the_metal_subset():
+def test_harness_runs_the_metal_subset(emulated):
     """simd reductions and shuffles, small and 0-d inputs, _shape, typename templates, bfloat16
     stores, and a last threadgroup clipped to the grid, against numpy."""
     kernel = metal_kernel(
@@ -183,13 +193,14 @@ def test_harness_runs_the_metal_subset():
     expected = np.stack([
         np.broadcast_to(v.sum(1, keepdims=True), v.shape), np.broadcast_to(v.max(1, keepdims=True), v.shape),
         np.broadcast_to(v.min(1, keepdims=True), v.shape), v[:, lane ^ 1],
-        np.where(lane + 3 < 32, v[:, np.minimum(lane + 3, 31)], v), np.broadcast_to(v[:, 5:6] + 96 + group_size, v.shape),
+        np.where(lane + 3 < 32, v[:, np.minimum(lane + 3, 31)], v),
+        np.broadcast_to(v[:, 5:6] + 96 + group_size, v.shape),
     ], axis=-1).reshape(96, 6)
     assert np.allclose(np.array(out), expected, rtol=1e-6, atol=1e-5)
     assert mx.array_equal(rounded, (x * 3.0 + 0.5).astype(mx.bfloat16)).item()
 
 
-def test_harness_reports_a_deadlock():
+def test_harness_reports_a_deadlock(emulated):
     kernel = metal_kernel(
         name="divergent_barrier",
         input_names=["x"],
@@ -204,7 +215,8 @@ def test_harness_reports_a_deadlock():
         }""",
     )
     with pytest.raises(KernelError, match="deadlock"):
-        kernel(inputs=[mx.zeros(64)], output_shapes=[(64,)], output_dtypes=[mx.float32], grid=(64, 1, 1), threadgroup=(32, 1, 1))
+        kernel(inputs=[mx.zeros(64)], output_shapes=[(64,)], output_dtypes=[mx.float32], grid=(64, 1, 1),
+               threadgroup=(32, 1, 1))
 
 
 def launch_arguments(monkeypatch):

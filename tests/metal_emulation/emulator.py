@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -89,6 +90,9 @@ class KernelError(RuntimeError):
 
 
 def compiler():
+    """clang++, on Linux (the lanes switch stacks with ELF assembly or ucontext); else None."""
+    if not sys.platform.startswith("linux"):
+        return None
     return os.environ.get("CXX_METAL_EMULATION") or shutil.which("clang++")
 
 
