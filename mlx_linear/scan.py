@@ -6,10 +6,13 @@ Shapes: q (B, H, L, dk); k, log_g (B, Hs, L, dk); v (B, Hs, L, dv); state (B, Hs
 Hs is the number of state heads (the KV heads for Liger); the H query heads read the state of
 head h // (H / Hs), as GQA does. log_g may have a last dimension of 1 (one decay per head).
 The recurrent form is the oracle; the chunked form (design file, section 4) is what prefill and
-training use. Both keep the state in float32 and are differentiable.
+training use without Metal. Both keep the state in float32 and are differentiable. On an Apple
+GPU, gla_scan runs the Metal kernels of kernels.py instead.
 """
 
 import mlx.core as mx
+
+from . import kernels
 
 CHUNK = 64
 SUB_CHUNK = 8
@@ -116,7 +119,11 @@ def gla_chunked(q, k, v, log_g, state=None, chunk=CHUNK, sub_chunk=SUB_CHUNK):
 
 
 def gla_scan(q, k, v, log_g, state=None):
-    """Dispatch: the recurrent loop for short inputs (decode), the chunked form otherwise."""
+    """Dispatch: a kernel where one runs (Apple GPU, any length, see kernels.py); otherwise the
+    recurrent loop for short inputs (decode) and the chunked form for the rest."""
+    kernel = kernels.scan_kernel()
+    if kernel is not None:
+        return kernel(q, k, v, mx.broadcast_to(log_g, k.shape), _initial_state(k, v, state))
     if q.shape[2] <= RECURRENT_MAX_LEN:
         return gla_recurrent(q, k, v, log_g, state)
     return gla_chunked(q, k, v, log_g, state)
