@@ -1,6 +1,5 @@
 """Shared pieces of the benchmark scripts: machine description and JSON results."""
 
-import json
 import os
 import platform
 import time
@@ -8,6 +7,7 @@ from pathlib import Path
 
 import mlx_linear  # noqa: F401  (BLAS before mlx)
 import mlx.core as mx
+from mlx_linear import utils
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -25,9 +25,7 @@ def machine() -> dict:
 
 
 def write_json(name, data) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """bench/results/NAME.json, with the machine it was measured on."""
     path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"machine": machine(), **data}, indent=2))
-    tmp.replace(path)
+    utils.write_json(path, {"machine": machine(), **data})
     return path

@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .errors import UserError
+from .utils import save_safetensors, write_json
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -55,12 +56,8 @@ def adapter_weights(model):
 def save_adapter(folder, model, config, name=ADAPTER_FILE):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.tmp.safetensors"
-    mx.save_safetensors(str(tmp), adapter_weights(model))
-    tmp.replace(folder / name)
-    config_tmp = folder / f".{CONFIG_FILE}.tmp"
-    config_tmp.write_text(json.dumps(config, indent=2))
-    config_tmp.replace(folder / CONFIG_FILE)
+    save_safetensors(folder / name, adapter_weights(model))
+    write_json(folder / CONFIG_FILE, config)
 
 
 def read_adapter_config(folder) -> dict:

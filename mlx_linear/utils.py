@@ -67,6 +67,23 @@ def load(path, adapter_path=None, dtype="auto", lazy=False):
     return model, tokenizer
 
 
+def write_json(path, data):
+    """Write JSON beside the target and rename it into place: never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def save_safetensors(path, arrays):
+    """mx.save_safetensors, renamed into place when complete."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.partial.safetensors")
+    mx.save_safetensors(str(tmp), arrays)
+    tmp.replace(path)
+
+
 @contextlib.contextmanager
 def atomic_output(path, force=False):
     """Yield a temporary folder beside `path`; it becomes `path` only if the block completes."""

@@ -1,13 +1,12 @@
 """`mlx_linear eval`."""
 
-import json
 import time
-from pathlib import Path
 
 import click
 
 from mlx_linear.cli import log
 from mlx_linear.errors import UserError
+from mlx_linear.utils import write_json
 
 from .runner import DEFAULT_TASKS
 from .scoring import MODES
@@ -25,15 +24,6 @@ def parse_limits(values):
         else:
             limit = int(n)
     return limit, per_task
-
-
-def write_json(path, data):
-    """Written beside the target and renamed, so an interrupted run leaves no partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def run(label, folder, adapter, options, verbose):

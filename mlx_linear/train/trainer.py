@@ -21,6 +21,7 @@ from mlx_lm.tuner.trainer import grad_checkpoint
 from ..adapters import ADAPTER_FILE, apply_lora, load_adapter, lora_config, read_adapter_config, save_adapter
 from ..errors import Interrupted, UserError
 from ..progress import Progress
+from ..utils import save_safetensors, write_json
 from .data import Packer, sequences
 from .losses import make_loss
 
@@ -117,17 +118,12 @@ class Run:
         save_adapter(self.folder, model, self.lora, name=LAST_FILE)
         if best:
             save_adapter(self.folder, model, self.lora, name=ADAPTER_FILE)
-        tmp = self.folder / f".{OPTIMIZER_FILE}.tmp.safetensors"
-        mx.save_safetensors(str(tmp), dict(tree_flatten(optimizer.state)))
-        tmp.replace(self.folder / OPTIMIZER_FILE)
+        save_safetensors(self.folder / OPTIMIZER_FILE, dict(tree_flatten(optimizer.state)))
         self.write_json(STATE_FILE, self.state)
 
     def write_json(self, name, data):
-        if not self.writer:
-            return
-        tmp = self.folder / f".{name}.tmp"
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(self.folder / name)
+        if self.writer:
+            write_json(self.folder / name, data)
 
     def resume(self, model, optimizer):
         weights = mx.load(str(self.folder / LAST_FILE))
