@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.cache import RotatingKVCache
 
 from .window import sliding_window_attention
 
@@ -66,14 +67,22 @@ class LinearizedAttention(nn.Module):
         def rope(t):
             return self.rope(t, offset=offset)
 
-        linear, state = self.method(q, k, v, rope, state_cache[0] if cache is not None else None)
-        q, k = rope(q), rope(k)
-        if cache is not None:
-            state_cache[0] = state
+        if cache is None:
+            linear, _ = self.method(q, k, v, rope)
+            q, k = rope(q), rope(k)
+            window = self.window_attention(q, k, v, offset)
+        else:
+            linear, state_cache[0] = self.method(q, k, v, rope, state_cache[0], state_cache.make_mask(L))
             state_cache.advance(L)
-            k, v = window_cache.update_and_fetch(k, v)
-            keep_last(window_cache)
-        window = self.window_attention(q, k, v, offset)
+            q, k = rope(q), rope(k)
+            if isinstance(window_cache, RotatingKVCache):
+                k, v = window_cache.update_and_fetch(k, v)
+                keep_last(window_cache)
+                window = self.window_attention(q, k, v, offset)
+            else:  # mlx-lm's batch cache: left padding and rotation are in its mask, made before the update
+                mask = window_cache.make_mask(L, window_size=self.window)
+                k, v = window_cache.update_and_fetch(k, v)
+                window = scaled_dot_product_attention(q, k, v, cache=window_cache, scale=self.scale, mask=mask)
         out = self.method.mix(linear, window).astype(x.dtype)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 

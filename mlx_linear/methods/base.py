@@ -8,6 +8,7 @@ Scans, caches, conversion and the CLI only talk to this interface, so a new meth
 new module.
 """
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from ..scan import gla_scan
@@ -33,6 +34,11 @@ class LinearMethod(nn.Module):
     def mix(self, linear, window):
         return 0.5 * linear + 0.5 * window
 
-    def __call__(self, q, k, v, rope, state=None):
-        output, state = self.scan(*self.features(q, k, v, rope), state)
+    def __call__(self, q, k, v, rope, state=None, mask=None):
+        """`mask` (B, L): False at left padding (batched generation), which neither writes nor decays."""
+        q, k, v, log_gate = self.features(q, k, v, rope)
+        if mask is not None:
+            keep = mask[:, None, :, None]
+            k, log_gate = mx.where(keep, k, 0), mx.where(keep, log_gate, 0)
+        output, state = self.scan(q, k, v, log_gate, state)
         return self.readout(output), state
