@@ -279,3 +279,12 @@ def test_attention_transfer_then_cross_entropy(tiny_liger, tmp_path):
     state, _ = run_train(tiny_liger, sources, tmp_path / "ce", small_config(init_adapter=str(tmp_path / "at"), iters=1))
     first_val = next(e["val"]["all"]["ce"] for e in state["log"] if "val" in e)
     assert abs(first_val - vals[-1]["ce"]) < 1e-4  # stage 2 starts from stage 1's best adapter
+
+
+def test_gradient_checkpointing_changes_nothing(data, tiny_liger, tmp_path, monkeypatch):
+    block = type(mlx_linear.load(tiny_liger)[0].layers[0])
+    monkeypatch.setattr(block, "__call__", block.__call__)  # restored after the test
+    sources = [load_source(data["text"])]
+    _, plain = run_train(tiny_liger, sources, tmp_path / "plain", small_config(iters=2))
+    _, checkpointed = run_train(tiny_liger, sources, tmp_path / "ckpt", small_config(iters=2, grad_checkpoint=True))
+    assert all(mx.allclose(plain[k], checkpointed[k], atol=1e-5).item() for k in plain)
