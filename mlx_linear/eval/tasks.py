@@ -12,21 +12,16 @@ import re
 
 from mlx_linear.errors import UserError
 
+from ..registry import Registry
 from .data import data_file, read_jsonl, read_labels
 
-TASKS = {}
+TASKS = Registry("task")
+register_task = TASKS.register
 LOWER_IS_BETTER = {"ppl"}
 
 
-def register_task(cls):
-    TASKS[cls.name] = cls
-    return cls
-
-
 def get_task(name):
-    if name not in TASKS:
-        raise UserError(f"unknown task {name!r}: choose from {', '.join(sorted(TASKS))}")
-    return TASKS[name]()
+    return TASKS.lookup(name)()
 
 
 def argmax(values):

@@ -1,17 +1,9 @@
 """Linearization methods, by name. Each is one module that registers its class here."""
 
-METHODS = {}
+from ..registry import Registry
 
-
-def register(cls):
-    METHODS[cls.name] = cls
-    return cls
-
-
-def get_method(name):
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
-
+METHODS = Registry("method")
+register = METHODS.register
+get_method = METHODS.lookup
 
 from . import liger_gla  # noqa: E402,F401  (registers)
