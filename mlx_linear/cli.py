@@ -12,6 +12,8 @@ COMMANDS = {
     "convert": "mlx_linear.convert.cli:convert",
     "lora-train": "mlx_linear.train.cli:lora_train",
     "fuse": "mlx_linear.train.cli:fuse",
+    "chat": "mlx_linear.chat.cli:chat",
+    "generate": "mlx_linear.chat.cli:generate",
 }
 
 
