@@ -5,8 +5,10 @@
     python bench/decode.py --quick              # 256 and 1k tokens, a minute or two
     python bench/decode.py --contexts 2048,8192 --budget 600
 
-The original's prefill grows quadratically: a context it is predicted (or found) to need more
-than --budget seconds for is skipped, with larger ones, and the output says so.
+Every context is prefilled first (timed, with its peak memory); decode is then timed in
+rounds over all contexts of both models, so the load of other jobs on a shared CPU falls on
+all alike. The original's prefill grows quadratically: a context it is predicted (or found)
+to need more than --budget seconds for is skipped, with larger ones, and the output says so.
 """
 
 import argparse
@@ -36,18 +38,21 @@ MODELS = {"liger-gla": "converted (Liger-GLA)", "none": "original (mlx-lm)"}
 PREFILL_STEPS = {"liger-gla": PREFILL_STEP, "none": 2048}
 GOAL_FLAT = 0.10  # decode speed and peak memory within 10% of the smallest context's
 GOAL_DECODE, GOAL_PREFILL, GOAL_CONTEXT = 3.0, 5.0, 16384
+ROUNDS = 8  # decode rounds over all contexts and models
 
 
 class OverBudget(Exception):
     pass
 
 
-def measure(model, context, decode_tokens, budget, desc, prefill_step):
-    """Prefill `context` random tokens, then decode; seconds per phase and peak memory."""
+def prefill(model, context, budget, desc, prefill_step, steps_after):
+    """Prefill `context` random tokens. Returns the result and mlx-lm's generator, paused after
+    the first token with `steps_after` more to come, for the decode rounds."""
     vocab = model.model.embed_tokens.weight.shape[0]
     prompt = mx.random.randint(0, vocab, (context,), key=mx.random.key(context))
     cache = make_prompt_cache(model)
     mx.clear_cache()
+    held = mx.get_active_memory()  # weights and the caches kept for decoding
     mx.reset_peak_memory()
     progress = Progress(context, "tok", desc)
 
@@ -60,33 +65,26 @@ def measure(model, context, decode_tokens, budget, desc, prefill_step):
     steps = generate_step(
         prompt,
         model,
-        max_tokens=decode_tokens + 1,
+        max_tokens=steps_after + 1,
         prompt_cache=cache,
         prefill_step_size=prefill_step,
         prompt_progress_callback=on_prefill,
     )
     next(steps)
-    prefill_s = time.perf_counter() - start
+    seconds = time.perf_counter() - start
     progress.close()
-    step_s, last = [], time.perf_counter()
-    for _ in steps:
-        now = time.perf_counter()
-        step_s.append(now - last)
-        last = now
-    return {
+    result = {
         "context": context,
-        "prefill_s": prefill_s,
-        "prefill_tps": context / prefill_s,
-        "decode_tokens": len(step_s),
-        "decode_tps": 1 / statistics.median(step_s),  # median: robust to other jobs on the CPU
-        "decode_tps_mean": len(step_s) / sum(step_s),
-        "peak_memory_mb": mx.get_peak_memory() / 1e6,
+        "prefill_s": seconds,
+        "prefill_tps": context / seconds,
+        "peak_memory_mb": (mx.get_peak_memory() - held) / 1e6,  # plus the weights: see run_prefills
         "cache_mb": sum(c.nbytes for c in cache) / 1e6,
     }
+    return result, steps
 
 
 def predicted_seconds(results, context):
-    """Extrapolate the last two measurements' total time as a power of the context."""
+    """Extrapolate the last two prefill times as a power of the context."""
     if len(results) < 2:
         return 0.0
     (a, ta), (b, tb) = ((r["context"], r["prefill_s"]) for r in results[-2:])
@@ -94,33 +92,48 @@ def predicted_seconds(results, context):
     return tb * (context / b) ** power
 
 
-def run_model(method, contexts, decode_tokens, budget):
+def run_prefills(method, contexts, steps_after, budget):
+    """Prefill every context in turn; (the model's summary, [(result, paused generator)])."""
     model, _ = mlx_linear.load(bundled_model(method, log=lambda m: print(m, file=sys.stderr)))
     weights_mb = sum(p.nbytes for _, p in tree_flatten(model.parameters())) / 1e6
     step = PREFILL_STEPS[method]
-    measure(model, 128, 4, budget, f"{method} warm-up", step)
-    results, stopped = [], None
+    _, warm_up = prefill(model, 128, budget, f"{method} warm-up", step, 4)
+    for _ in warm_up:
+        pass
+    runs, stopped = [], None
     for context in contexts:
-        guess = predicted_seconds(results, context)
+        guess = predicted_seconds([r for r, _ in runs], context)
         if guess > budget:
             stopped = f"stopped before {context} tokens: prefill predicted to take {guess:.0f} s > budget {budget:.0f} s"
             break
         try:
-            r = measure(model, context, decode_tokens, budget, f"{method} {context}", step)
+            result, steps = prefill(model, context, budget, f"{method} {context}", step, steps_after)
         except OverBudget as e:
             stopped = f"stopped at {context} tokens: {e}"
             break
-        results.append(r)
-        print(
-            f"{MODELS[method]:24s} {context:6d} tok | prefill {r['prefill_tps']:7.1f} tok/s | "
-            f"decode {r['decode_tps']:6.2f} tok/s | peak {r['peak_memory_mb']:7.0f} MB | cache {r['cache_mb']:7.1f} MB",
-            flush=True,
-        )
+        result["peak_memory_mb"] += weights_mb
+        runs.append((result, steps))
+        print(f"{MODELS[method]:24s} {context:6d} tok | prefill {result['prefill_tps']:7.1f} tok/s", flush=True)
     if stopped:
         print(f"{MODELS[method]}: {stopped}", flush=True)
-    del model
-    mx.clear_cache()
-    return {"name": MODELS[method], "prefill_step": step, "weights_mb": weights_mb, "results": results, "stopped": stopped}
+        mx.clear_cache()
+    return {"name": MODELS[method], "prefill_step": step, "weights_mb": weights_mb, "stopped": stopped}, runs
+
+
+def decode_rounds(runs, decode_tokens, rounds):
+    """Decode every paused generator in turn, `rounds` times: other jobs' load on this shared
+    CPU then falls on every context and model alike. Seconds per step, per run."""
+    times = [[] for _ in runs]
+    for _ in range(rounds):
+        for (_, steps), seconds in zip(runs, times):
+            next(steps)  # settles the step the previous generator left in flight; not timed
+            last = time.perf_counter()
+            for _ in range(decode_tokens // rounds):
+                next(steps)
+                now = time.perf_counter()
+                seconds.append(now - last)
+                last = now
+    return times
 
 
 def flat(results, key):
@@ -170,14 +183,29 @@ def main():
     parser.add_argument("--contexts", default="1024,4096,16384,32768", help="comma-separated token counts")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--budget", type=float, default=1800.0, help="seconds one prefill may take")
-    parser.add_argument("--quick", action="store_true", help="contexts 256,1024; 8 decode tokens")
+    parser.add_argument("--quick", action="store_true", help="contexts 256,1024; 16 decode tokens")
     args = parser.parse_args()
     contexts = [256, 1024] if args.quick else sorted(int(c) for c in args.contexts.split(","))
-    decode_tokens = 8 if args.quick else args.decode_tokens
+    decode_tokens = 16 if args.quick else args.decode_tokens
     name = "decode-quick" if args.quick else "decode"
     load = os.getloadavg()
-    models = {m: run_model(m, contexts, decode_tokens, args.budget) for m in MODELS}
-    result = {
+    models, runs = {}, []
+    for method in MODELS:
+        models[method], method_runs = run_prefills(method, contexts, decode_tokens + ROUNDS, args.budget)
+        models[method]["results"] = [result for result, _ in method_runs]
+        runs += method_runs
+    for (result, _), seconds in zip(runs, decode_rounds(runs, decode_tokens, ROUNDS)):
+        result["decode_tokens"] = len(seconds)
+        result["decode_tps"] = 1 / statistics.median(seconds)
+        result["decode_tps_best"] = 1 / min(seconds)
+    for method, info in models.items():
+        for r in info["results"]:
+            print(
+                f"{info['name']:24s} {r['context']:6d} tok | prefill {r['prefill_tps']:7.1f} tok/s | "
+                f"decode {r['decode_tps']:6.2f} tok/s (best {r['decode_tps_best']:6.2f}) | "
+                f"peak {r['peak_memory_mb']:6.0f} MB | cache {r['cache_mb']:6.1f} MB"
+            )
+    report = {
         "contexts": contexts,
         "decode_tokens": decode_tokens,
         "budget_s": args.budget,
@@ -185,13 +213,13 @@ def main():
         "models": models,
         "goals": goals(models),
     }
-    for goal, g in result["goals"].items():
+    for goal, g in report["goals"].items():
         if "ratio" in g:
             value = "not measured" if g["ratio"] is None else f"{g['ratio']:.2f}x (goal {g['goal']:g}x)"
         else:
             value = f"max deviation {g['max_deviation']:.1%} (goal {GOAL_FLAT:.0%})" if g["values"] else "no data"
         print(f"goal {goal}: {value}: {'met' if g['met'] else 'NOT met' if g['met'] is False else '-'}")
-    print(f"wrote {write_json(name, result)}")
+    print(f"wrote {write_json(name, report)}")
     png = plot(models, RESULTS / f"{name}.png")
     print(f"wrote {png}" if png else "no plot: pip install matplotlib")
 
