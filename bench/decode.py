@@ -38,7 +38,7 @@ MODELS = {"liger-gla": "converted (Liger-GLA)", "none": "original (mlx-lm)"}
 PREFILL_STEPS = {"liger-gla": PREFILL_STEP, "none": 2048}
 GOAL_FLAT = 0.10  # decode speed and peak memory within 10% of the smallest context's
 GOAL_DECODE, GOAL_PREFILL, GOAL_CONTEXT = 3.0, 5.0, 16384
-ROUNDS = 8  # decode rounds over all contexts and models
+ROUNDS = 16  # decode rounds over all contexts and models
 
 
 class OverBudget(Exception):
@@ -181,8 +181,8 @@ def plot(models, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", default="1024,4096,16384,32768", help="comma-separated token counts")
-    parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--budget", type=float, default=1800.0, help="seconds one prefill may take")
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--budget", type=float, default=3600.0, help="seconds one prefill may take")
     parser.add_argument("--quick", action="store_true", help="contexts 256,1024; 16 decode tokens")
     args = parser.parse_args()
     contexts = [256, 1024] if args.quick else sorted(int(c) for c in args.contexts.split(","))
