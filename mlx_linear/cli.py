@@ -13,6 +13,8 @@ COMMANDS = {
     "lora-train": "mlx_linear.train.cli:lora_train",
     "fuse": "mlx_linear.train.cli:fuse",
     "eval": "mlx_linear.eval.cli:eval_command",
+    "chat": "mlx_linear.chat.cli:chat",
+    "generate": "mlx_linear.chat.cli:generate",
 }
 
 
