@@ -19,7 +19,7 @@ from common import RESULTS, write_json
 import mlx_linear
 from mlx_linear import utils
 from mlx_linear.convert import bundled_model, convert
-from mlx_linear.eval.report import RECOVERY_NOTE, compare, markdown_table
+from mlx_linear.eval.report import RECOVERY_NOTE, average, compare, number, percent, ratio
 from mlx_linear.eval.runner import evaluate
 from mlx_linear.plot import line_plot
 from mlx_linear.train import TrainConfig, load_source, train
@@ -49,6 +49,20 @@ def cached_evaluation(cache_file, key, model_path, adapter, options):
         cache[key] = {"metrics": evaluate(model, tokenizer, **options), "seconds": time.perf_counter() - start}
         utils.write_json(cache_file, cache)
     return cache[key]["metrics"]
+
+
+def side_by_side(original, results):
+    """One row per task and metric: the original's value, then each variant untrained and
+    uptrained with its recovery (model / original; perplexity inverted)."""
+    columns = [(f"{name} {stage}", r[stage]) for name, r in results.items() for stage in ("untrained", "uptrained")]
+    rows = ["| task | metric | original | " + " | ".join(c for c, _ in columns) + " |", "|---" * (3 + len(columns)) + "|"]
+    for task, metrics in original.items():
+        for metric, value in metrics.items():
+            cells = [f"{number(m[task][metric], metric)} ({percent(ratio(metric, m[task][metric], value))})" for _, m in columns]
+            rows.append(f"| {task} | {metric} | {number(value, metric)} | " + " | ".join(cells) + " |")
+    cells = [f"{number(average(m))} ({percent(average(m) / average(original))})" for _, m in columns]
+    rows.append(f"| average | primary | {number(average(original))} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def run_variant(name, args, sources, evaluate_cached):
@@ -104,12 +118,10 @@ def main():
     original = evaluate_cached("original", bundled_model("none"), None)
     results = {name: run_variant(name, args, sources, evaluate_cached) for name in variants}
 
+    for r in results.values():
+        r.update({f"{stage}_vs_original": compare(r[stage], original) for stage in ("untrained", "uptrained")})
     lines = [f"# Recovery of SmolLM2-135M-Instruct ({args.tokens:,} training tokens, {args.limit} documents a task, "
-             f"WikiText-2 {args.wikitext_windows} x 1024 tokens)", "", RECOVERY_NOTE]
-    for name, r in results.items():
-        for stage in ("untrained", "uptrained"):
-            r[f"{stage}_vs_original"] = compare(r[stage], original)
-            lines += ["", f"## {name}, {stage}", "", markdown_table(r[stage], original)]
+             f"WikiText-2 {args.wikitext_windows} x 1024 tokens)", "", side_by_side(original, results), "", RECOVERY_NOTE]
     report = "\n".join(lines) + "\n"
     print(report)
     (RESULTS / "recovery.md").write_text(report)
