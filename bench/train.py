@@ -1,7 +1,7 @@
 """LoRA training speed and peak memory: mlx_linear lora-train on the converted SmolLM2 against
 mlx-lm's own trainer (mlx_lm.tuner.trainer.train) on the original transformer, same data.
 
-    python bench/train.py [--seq-lens 1024,4096] [--steps 3] [--data ../shared/data/gentext]
+    python bench/train.py [--seq-lens 1024,4096] [--steps 2] [--checkpoint-from 4096] [--data ../shared/data/gentext]
 """
 
 import argparse
@@ -26,9 +26,10 @@ from mlx_linear.train.data import sequences
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gentext"
 
 
-def ours(source, seq_len, steps):
+def ours(source, seq_len, steps, grad_checkpoint):
     model, tokenizer = mlx_linear.load(bundled_model("liger-gla"))
-    config = TrainConfig(seq_len=seq_len, grad_accumulation=1, iters=steps, val_every=10**9, val_sequences=1)
+    config = TrainConfig(seq_len=seq_len, grad_accumulation=1, iters=steps, val_every=10**9, val_sequences=1,
+                         grad_checkpoint=grad_checkpoint)
     mx.reset_peak_memory()
     with tempfile.TemporaryDirectory() as out:
         state = train(model, tokenizer, [source], config, out)
@@ -70,18 +71,19 @@ def original(source, seq_len, steps, grad_checkpoint):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-lens", default="1024,4096")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--data", default=str(DATA))
     # On the CPU, softmax attention keeps its (heads, L, L) scores of every layer for the backward
-    # pass: 30 x 1.2 GB at 4096 tokens, beyond this machine's 24 GB, so mlx-lm recomputes layers.
-    parser.add_argument("--checkpoint-original-from", type=int, default=4096,
-                        help="sequence length from which mlx-lm trains the original with gradient checkpointing")
+    # pass: 30 x 1.2 GB at 4096 tokens, beyond this machine's 24 GB, so both models recompute layers.
+    parser.add_argument("--checkpoint-from", type=int, default=4096,
+                        help="sequence length from which both models train with gradient checkpointing")
     args = parser.parse_args()
     source = load_source(args.data)
     results = []
     for seq_len in map(int, args.seq_lens.split(",")):
-        row = {"seq_len": seq_len, "linearized": ours(source, seq_len, args.steps), "original": original(source, seq_len, args.steps, seq_len >= args.checkpoint_original_from)}
-        row["original"]["grad_checkpoint"] = seq_len >= args.checkpoint_original_from
+        checkpoint = seq_len >= args.checkpoint_from
+        row = {"seq_len": seq_len, "grad_checkpoint": checkpoint, "linearized": ours(source, seq_len, args.steps, checkpoint),
+               "original": original(source, seq_len, args.steps, checkpoint)}
         row["speed_ratio"] = row["linearized"]["tokens_per_second"] / row["original"]["tokens_per_second"]
         row["memory_ratio"] = row["linearized"]["peak_memory_gb"] / row["original"]["peak_memory_gb"]
         results.append(row)
