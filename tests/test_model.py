@@ -84,6 +84,42 @@ def test_feature_projections():
     assert mx.allclose(attn(x), reference_liger(attn, x, window=8, maps=maps), atol=1e-4).item()
 
 
+def reference_supra(attn, x):
+    """Section 2 of the design file in its quadratic form: sum over s <= t of
+    gamma_h^(t-s) (phi(q_t) . phi(k_s)) v_s per query head, then a per-head GroupNorm."""
+    B, L, _ = x.shape
+    H, Hkv = attn.n_heads, attn.n_kv_heads
+    method = attn.method
+    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    relu = lambda dense, t: mx.maximum(t @ dense.weight.T + dense.bias, 0)  # noqa: E731
+    fq = relu(method.q_feature, q).reshape(B, L, H, -1).transpose(0, 2, 1, 3)
+    fk = relu(method.k_feature, k).reshape(B, L, Hkv, -1).transpose(0, 2, 1, 3)
+    d = fq.shape[-1]
+    fq, fk = attn.rope(fq), mx.repeat(attn.rope(fk), H // Hkv, axis=1) / d**0.5
+    values = mx.repeat(v.reshape(B, L, Hkv, -1).transpose(0, 2, 1, 3), H // Hkv, axis=1)
+    s = 2.0 ** (-mx.arange(1, H + 1) * 8 / H)
+    t = mx.arange(L)
+    lags = (t[:, None] - t[None, :]).astype(mx.float32)
+    decay = mx.where(lags >= 0, mx.exp(-s[:, None, None] * mx.maximum(lags, 0)), 0)  # (H, L, L)
+    o = ((fq @ fk.swapaxes(-1, -2)) * decay) @ values
+    mean, var = o.mean(-1, keepdims=True), o.var(-1, keepdims=True)
+    linear = (o - mean) / mx.sqrt(var + 1e-5)
+    return attn.o_proj(linear.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_supra_follows_the_design(trained):
+    model = tiny_model("llama", method="supra")
+    attn = model.layers[0].self_attn
+    assert set(dict(tree_flatten(attn.method.parameters()))) == {f"{m}_feature.{p}" for m in "qk" for p in ("weight", "bias")}
+    if trained:  # away from the identity start, so a misplaced map or bias shows
+        for dense in (attn.method.q_feature, attn.method.k_feature):
+            dense.weight = dense.weight + 0.2 * mx.random.normal(dense.weight.shape)
+            dense.bias = 0.1 * mx.random.normal(dense.bias.shape)
+    x = mx.random.normal((2, 30, TINY["hidden_size"]))
+    assert mx.allclose(attn(x), reference_supra(attn, x), atol=1e-4).item()
+
+
 def incremental(model, tokens, pieces):
     cache = model.make_cache()
     outputs, start = [], 0
@@ -96,10 +132,16 @@ def incremental(model, tokens, pieces):
     return mx.concatenate(outputs, axis=1), cache
 
 
-@pytest.mark.parametrize("model_type,full_attention_every,sinks", [("llama", 0, 0), ("qwen3", 0, 0), ("llama", 2, 0), ("llama", 0, 2), ("qwen3", 2, 4)])
-def test_prefill_pieces_then_decode_equals_full_forward(model_type, full_attention_every, sinks):
+SUPRA_MIXED = {"method": "supra", "options": {"mix": 0.5}}
+
+
+@pytest.mark.parametrize("model_type,full_attention_every,sinks,method", [
+    ("llama", 0, 0, {}), ("qwen3", 0, 0, {}), ("llama", 2, 0, {}), ("llama", 0, 2, {}), ("qwen3", 2, 4, {}),
+    ("llama", 0, 0, {"method": "supra"}), ("qwen3", 2, 2, SUPRA_MIXED),
+])
+def test_prefill_pieces_then_decode_equals_full_forward(model_type, full_attention_every, sinks, method):
     """Window 8: pieces of 5, 9 and 1 then decode cross the window boundary several times."""
-    model = tiny_model(model_type, full_attention_every=full_attention_every, sinks=sinks)
+    model = tiny_model(model_type, full_attention_every=full_attention_every, sinks=sinks, **method)
     tokens = mx.random.randint(0, TINY["vocab_size"], (2, 40))
     full = model(tokens)
     for split in ([5, 9, 1, 12], [9, 3, 1, 10]):  # a piece starting in the window, past it

@@ -154,6 +154,19 @@ def test_training_lowers_the_loss(data, tiny_liger, tmp_path):
     assert abs(reloaded["all"]["ce"] - best) < 1e-4
 
 
+def test_supra_trains_its_feature_maps(data, hf_checkpoints, tmp_path):
+    """SUPRA's new parameters convert at the identity, train with the LoRA weights (lowering
+    the loss) and come back with the adapter."""
+    model_path = convert(tmp_path / "supra", hf_source=str(hf_checkpoints["llama"]), method="supra", log=lambda m: None)
+    state, saved = run_train(model_path, [load_source(data["text"])], tmp_path / "a", small_config(iters=8, val_every=8))
+    vals = [e["val"]["all"]["ce"] for e in state["log"] if "val" in e]
+    assert vals[-1] < vals[0] - 0.5
+    key = "model.layers.0.self_attn.method.q_feature.weight"
+    assert saved[key].shape == (64, 64) and not mx.allclose(saved[key], mx.eye(64), atol=1e-3).item()
+    model, _ = mlx_linear.load(model_path, adapter_path=tmp_path / "a")
+    assert mx.array_equal(model.layers[0].self_attn.method.q_feature.weight, mx.load(str(tmp_path / "a" / "adapters.safetensors"))[key]).item()
+
+
 def test_resume_equals_an_uninterrupted_run(data, tiny_liger, tmp_path):
     sources = [load_source(data["text"]), load_source(data["chat"])]
     _, straight = run_train(tiny_liger, sources, tmp_path / "straight", small_config(iters=4))
