@@ -16,6 +16,7 @@ from ..scan import gla_scan
 
 class LinearMethod(nn.Module):
     name: str = ""
+    linear_weight: float = 0.5  # the linear branch's share of the output (Liger's equal mix)
 
     def __init__(self, attention: nn.Module):
         super().__init__()
@@ -31,8 +32,14 @@ class LinearMethod(nn.Module):
     def readout(self, output):
         return output
 
+    def mix_weight(self):
+        return self.linear_weight
+
     def mix(self, linear, window):
-        return 0.5 * linear + 0.5 * window
+        weight = self.mix_weight()
+        if not isinstance(weight, mx.array) and weight == 1:
+            return linear  # a linear branch alone: the (lazy) window branch is never computed
+        return weight * linear + (1 - weight) * window
 
     def __call__(self, q, k, v, rope, state=None, mask=None):
         """`mask` (B, L): False at left padding (batched generation), which neither writes nor decays."""

@@ -56,6 +56,5 @@ class LigerGLA(LinearMethod):
             return output
         return output[..., :-1] / (output[..., -1:] + EPS)
 
-    def mix(self, linear, window):
-        weight = mx.sigmoid(self.mix_logit) if "mix_logit" in self else self.linear_weight
-        return weight * linear + (1 - weight) * window
+    def mix_weight(self):
+        return mx.sigmoid(self.mix_logit) if "mix_logit" in self else self.linear_weight

@@ -65,8 +65,3 @@ class SUPRA(LinearMethod):
 
     def readout(self, output):
         return mx.fast.layer_norm(output, None, None, GROUP_NORM_EPS)
-
-    def mix(self, linear, window):
-        if self.linear_weight == 1:
-            return linear  # pure SUPRA: the (lazy) window branch is never computed
-        return self.linear_weight * linear + (1 - self.linear_weight) * window
