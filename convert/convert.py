@@ -37,13 +37,24 @@ def read_source(hf_source=None, gguf=None):
     return config, weights, tokenizer, mx.float16, None
 
 
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_options(method, options):
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}: choose one of none, {', '.join(sorted(METHODS))}")
-    accepted = [p for p in inspect.signature(METHODS[method]).parameters if p != "attention"]
-    unknown = sorted(set(options) - set(accepted))
+    parameters = {n: p for n, p in inspect.signature(METHODS[method]).parameters.items() if n != "attention"}
+    unknown = sorted(set(options) - set(parameters))
     if unknown:
-        raise UserError(f"method {method} has no option {unknown[0]!r}; its options: {', '.join(accepted) or 'none'}")
+        raise UserError(f"method {method} has no option {unknown[0]!r}; its options: {', '.join(parameters) or 'none'}")
+    for name, value in options.items():
+        # An option takes the type of its default: true/false for a flag, a number for a number.
+        default = parameters[name].default
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise UserError(f"method {method} option {name}={value!r}: give true or false, e.g. {name}=true")
+        if is_number(default) and not is_number(value):
+            raise UserError(f"method {method} option {name}={value!r}: give a number, e.g. {name}={default}")
 
 
 def build_model(config, weights):

@@ -206,3 +206,15 @@ def test_mismatched_weights_are_a_user_error(tmp_path):
     with pytest.raises(UserError, match="do not fit"):
         quiet(tmp_path / "o", hf_source=str(folder))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method,option,words", [
+    ("supra", "mx=0.5", ["no option 'mx'", "mix"]),
+    ("supra", "mix=abc", ["mix='abc'", "a number"]),
+    ("supra", "mix=2", ["mix=2", "(0, 1]"]),
+    ("liger-gla", "normalize=yes", ["normalize='yes'", "true or false"]),
+])
+def test_bad_method_options(hf_checkpoints, tmp_path, method, option, words):
+    result = cli("--hf", str(hf_checkpoints["llama"]), "--method", method, "--method-option", option, "-o", str(tmp_path / "o"))
+    assert_one_line_error(result, *words)
+    assert not (tmp_path / "o").exists()
