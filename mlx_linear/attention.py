@@ -12,7 +12,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import RotatingKVCache
 
-from .window import sliding_window_attention
+from .window import attention_step, sliding_window_attention
 
 PRETRAINED = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
 
@@ -46,6 +46,7 @@ class LinearizedAttention(nn.Module):
         # The pretrained forward, run on these same weights when softmax attention is wanted.
         self.softmax_forward = type(attention).__call__
         self.use_softmax = False
+        self.use_state = True  # False: the window branch alone (what the recurrent state adds)
 
     def project(self, x):
         B, L, _ = x.shape
@@ -67,31 +68,51 @@ class LinearizedAttention(nn.Module):
         def rope(t):
             return self.rope(t, offset=offset)
 
-        if cache is None:
+        linear = None
+        if self.use_state and cache is None:
             linear, _ = self.method(q, k, v, rope)
-            q, k = rope(q), rope(k)
-            window = self.window_attention(q, k, v, offset)
-        else:
-            linear, state_cache[0] = self.method(q, k, v, rope, state_cache[0], state_cache.make_mask(L))
+        elif self.use_state:
+            linear, state_cache.cache = self.method(q, k, v, rope, state_cache.cache, state_cache.make_mask(L))
             state_cache.advance(L)
-            q, k = rope(q), rope(k)
-            if isinstance(window_cache, RotatingKVCache):
-                k, v = window_cache.update_and_fetch(k, v)
-                keep_last(window_cache)
-                window = self.window_attention(q, k, v, offset)
-            else:  # mlx-lm's batch cache: left padding and rotation are in its mask, made before the update
-                mask = window_cache.make_mask(L, window_size=self.window)
-                k, v = window_cache.update_and_fetch(k, v)
-                window = scaled_dot_product_attention(q, k, v, cache=window_cache, scale=self.scale, mask=mask)
-        out = self.method.mix(linear, window).astype(x.dtype)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        sink_q = self.sink_queries(q, offset)
+        q, k = rope(q), rope(k)
+        if isinstance(window_cache, RotatingKVCache):
+            k, v = window_cache.update_and_fetch(k, v)
+            keep_last(window_cache)
+        if isinstance(window_cache, (RotatingKVCache, type(None))):
+            window, mass = self.window_attention(q, k, v, offset, sink_q)
+        else:  # mlx-lm's batch cache: left padding and rotation are in its mask, made before the update
+            mask = window_cache.make_mask(L, window_size=self.window)
+            k, v = window_cache.update_and_fetch(k, v)
+            window = scaled_dot_product_attention(q, k, v, cache=window_cache, scale=self.scale, mask=mask)
+            mass = None
+        out = window if linear is None else self.method.mix(linear, window, mass)
+        return self.o_proj(out.astype(x.dtype).transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-    def window_attention(self, q, k, v, offset):
-        """k, v: the cache's keys (sinks first, in temporal order) followed by the L current ones."""
+    def sink_queries(self, q, offset):
+        """Queries for the sink scores: past `window + sinks - 1` every query sees the sinks at
+        that fixed distance, as if they lay just before its window (StreamingLLM's positions in
+        the cache), so no query is ever further from them than at that position."""
+        horizon, L = self.window + self.sinks - 1, q.shape[2]
+        if not self.sinks or offset + L - 1 <= horizon:
+            return None
+        fixed = self.rope(q[..., None, :], offset=horizon)[..., 0, :]  # every query at the horizon
+        if offset >= horizon:
+            return fixed
+        natural = self.rope(q, offset=offset)
+        return mx.where((offset + mx.arange(L) > horizon)[:, None], fixed, natural)
+
+    def window_attention(self, q, k, v, offset, sink_q=None):
+        """(output, mass or None). k, v: the cache's keys (sinks first, in temporal order)
+        followed by the L current ones."""
         L, S = q.shape[2], self.sinks
+        with_mass = self.method.needs_window_mass
+        if L == 1 and (with_mass or sink_q is not None):
+            return attention_step(q, k, v, self.scale, S, sink_q)
         if L == 1:  # decoding: the ring buffer holds exactly the sinks and the window
-            return scaled_dot_product_attention(q, k, v, cache=None, scale=self.scale, mask=None)
+            return scaled_dot_product_attention(q, k, v, cache=None, scale=self.scale, mask=None), None
         sinks = (k[..., :S, :], v[..., :S, :]) if S else None
         recent = min(k.shape[2], self.window - 1 + L)  # the sinks are attended separately
         k, v = k[..., -recent:, :], v[..., -recent:, :]
-        return sliding_window_attention(q, k, v, self.window, self.scale, sinks, offset)
+        out = sliding_window_attention(q, k, v, self.window, self.scale, sinks, offset, sink_q, with_mass=True)
+        return out if with_mass else (out[0], None)

@@ -82,6 +82,12 @@ class Model(nn.Module):
                 layer.self_attn.use_softmax = enabled
         self.softmax_everywhere = enabled
 
+    def use_state(self, enabled: bool = True):
+        """enabled=False: every linearized layer runs its window branch alone (the state off)."""
+        for layer, linear in zip(self.layers, self.linear_layers):
+            if linear:
+                layer.self_attn.use_state = enabled
+
     def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None):
         h = input_embeddings if input_embeddings is not None else self.model.embed_tokens(inputs)
         cache = cache if cache is not None else [None] * len(self.layers)
@@ -114,8 +120,9 @@ class Model(nn.Module):
             return [KVCache() for _ in self.layers]
         lin = self.args.linearization
         return [
-            CacheList(ArraysCache(1), RotatingKVCache(max_size=lin.window + lin.sinks, keep=lin.sinks))
+            CacheList(ArraysCache(layer.self_attn.method.state_size),
+                      RotatingKVCache(max_size=lin.window + lin.sinks, keep=lin.sinks))
             if linear
             else KVCache()
-            for linear in self.linear_layers
+            for layer, linear in zip(self.layers, self.linear_layers)
         ]

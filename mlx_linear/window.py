@@ -1,6 +1,9 @@
 """Sliding-window softmax attention over the last `window` keys (the current one included),
 plus optional attention-sink keys: the sequence's first tokens, seen by every query
-(StreamingLLM, arXiv 2309.17453)."""
+(StreamingLLM, arXiv 2309.17453).
+
+Sink scores may use their own queries (`sink_q`): the attention module rotates them so that a
+query never sits further from the sinks than just past the window (see attention.py)."""
 
 import mlx.core as mx
 
@@ -23,12 +26,42 @@ def _sink_mask(num_blocks, window, num_sinks, first_position):
     return mx.arange(num_sinks) <= query - window
 
 
-def sliding_window_attention(q, k, v, window, scale, sinks=None, first_position=0):
+def masked_softmax(scores, mask):
+    """(weights, mass): the softmax over the visible scores and sum(exp(score - max)) per query,
+    the window's share in a denominator shared with a linear branch (LoLCATs)."""
+    scores = mx.where(mask, scores.astype(mx.float32), -mx.inf)
+    exps = mx.exp(scores - scores.max(axis=-1, keepdims=True))
+    mass = exps.sum(axis=-1, keepdims=True)
+    return exps / mass, mass
+
+
+def _by_group(x, num_kv_heads):
+    B, H, L, d = x.shape
+    return x.reshape(B, num_kv_heads, H // num_kv_heads, L, d)
+
+
+def attention_step(q, k, v, scale, num_sinks=0, sink_q=None):
+    """One query per row over every key of a decode cache (sinks first, then the window):
+    (output (B, H, 1, dv), mass (B, H, 1, 1))."""
+    B, H, _, _ = q.shape
+    Hkv, dv = k.shape[1], v.shape[-1]
+    keys = k[:, :, None].swapaxes(-1, -2)
+    scores = (_by_group(q, Hkv) * scale) @ keys
+    if num_sinks and sink_q is not None:
+        sink_scores = (_by_group(sink_q, Hkv) * scale) @ keys[..., :num_sinks]
+        scores = mx.concatenate([sink_scores, scores[..., num_sinks:]], axis=-1)
+    weights, mass = masked_softmax(scores, mx.array(True))
+    out = weights.astype(v.dtype) @ v[:, :, None]
+    return out.reshape(B, H, 1, dv), mass.reshape(B, H, 1, 1)
+
+
+def sliding_window_attention(q, k, v, window, scale, sinks=None, first_position=0, sink_q=None, with_mass=False):
     """q (B, H, L, d); k, v (B, Hkv, P + L, d): P <= window - 1 earlier keys, then the L current.
 
     Query i attends the `window` keys ending at its own, and the sink keys `sinks = (k, v)`
     (positions 0..S-1) that lie before its window; `first_position` is query 0's position.
     Blocked: each block of W queries reads 2W (+ S) keys, so time and memory are O(L * W).
+    With `with_mass`, also returns sum(exp(score - max)) per query (B, H, L, 1).
     """
     B, H, L, _ = q.shape
     Hkv, total, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -44,18 +77,24 @@ def sliding_window_attention(q, k, v, window, scale, sinks=None, first_position=
         blocks = x.reshape(B, Hkv, num_blocks + 1, window, x.shape[-1])
         return mx.concatenate([blocks[:, :, :-1], blocks[:, :, 1:]], axis=-2)[:, :, None]
 
-    q = mx.pad(q, [(0, 0), (0, 0), (0, back), (0, 0)])
-    q = q.reshape(B, Hkv, R, num_blocks, window, q.shape[-1]) * scale
-    scores = q @ pairs(k).swapaxes(-1, -2)
+    def blocked(x):
+        x = mx.pad(x, [(0, 0), (0, 0), (0, back), (0, 0)])
+        return x.reshape(B, Hkv, R, num_blocks, window, x.shape[-1]) * scale
+
+    q_blocks = blocked(q)
+    scores = q_blocks @ pairs(k).swapaxes(-1, -2)
     mask = _block_mask(num_blocks, window, missing)
     if sinks is not None:
         sink_k, sink_v = (x[:, :, None, None] for x in sinks)
-        scores = mx.concatenate([q @ sink_k.swapaxes(-1, -2), scores], axis=-1)
+        sink_queries = q_blocks if sink_q is None else blocked(sink_q)
+        scores = mx.concatenate([sink_queries @ sink_k.swapaxes(-1, -2), scores], axis=-1)
         mask = mx.concatenate([_sink_mask(num_blocks, window, sink_k.shape[-2], first_position), mask], axis=-1)
-    weights = mx.softmax(mx.where(mask, scores.astype(mx.float32), -mx.inf), axis=-1).astype(v.dtype)
+    weights, mass = masked_softmax(scores, mask)
+    weights = weights.astype(v.dtype)
     if sinks is None:
         out = weights @ pairs(v)
     else:
         S = sink_v.shape[-2]
         out = weights[..., :S] @ sink_v + weights[..., S:] @ pairs(v)
-    return out.reshape(B, H, num_blocks * window, dv)[:, :, :L]
+    out = out.reshape(B, H, num_blocks * window, dv)[:, :, :L]
+    return (out, mass.reshape(B, H, num_blocks * window, 1)[:, :, :L]) if with_mass else out

@@ -44,9 +44,14 @@ def reference_liger(attn, x, window, sinks=0, normalize=False, mix=0.5, maps=Non
         linear = (fq[:, :, t, None, :] @ S)[:, :, 0]
         if normalize:
             linear = linear / ((fq[:, :, t] * z).sum(-1, keepdims=True) + 1e-6)
-        seen = sorted(set(range(max(0, t - window + 1), t + 1)) | set(range(min(sinks, t + 1))))
+        recent = list(range(max(0, t - window + 1), t + 1))
+        seen = [u for u in range(min(sinks, t + 1)) if u not in recent] + recent
         keys, values = kr[:, :, mx.array(seen)], v[:, :, mx.array(seen)]
-        scores = (qr[:, :, t, None, :] @ keys.swapaxes(-1, -2))[:, :, 0] * d**-0.5
+        # Sinks are seen from at most window + sinks - 1 positions away (StreamingLLM).
+        q_sink = attn.rope(q[:, :, t : t + 1], offset=min(t, window + sinks - 1))
+        queries = [q_sink] * (len(seen) - len(recent)) + [qr[:, :, t : t + 1]] * len(recent)
+        scores = mx.concatenate([qi @ keys[:, :, i : i + 1].swapaxes(-1, -2) for i, qi in enumerate(queries)], -1)
+        scores = scores[:, :, 0] * d**-0.5
         softmax = (mx.softmax(scores, axis=-1)[:, :, None] @ values)[:, :, 0]
         outputs.append(mix * linear + (1 - mix) * softmax)
     y = mx.stack(outputs, axis=2).transpose(0, 2, 1, 3).reshape(B, L, -1)
@@ -190,3 +195,22 @@ def test_prompt_cache_file_round_trip(tmp_path):
     loaded = load_prompt_cache(str(tmp_path / "c.safetensors"))
     nxt = mx.array([[7]])
     assert mx.allclose(model(nxt, cache=cache), model(nxt, cache=loaded), atol=1e-6).item()
+
+
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_window_branch_ignores_the_absolute_position(sinks):
+    """State off, every layer reads only its sinks and its window, so the last logits depend on
+    the sinks' tokens and the last (layers x window) tokens, not on how far back the sinks are:
+    a query never sits further from the sinks than it did at position window + sinks - 1."""
+    model = tiny_model(sinks=sinks)
+    model.use_state(False)
+    head, tail = mx.random.randint(0, TINY["vocab_size"], (1, sinks)), mx.random.randint(0, TINY["vocab_size"], (1, 20))
+    last = []
+    for filler in (30, 3000):
+        middle = mx.random.randint(0, TINY["vocab_size"], (1, filler))
+        _, cache = incremental(model, mx.concatenate([head, middle, tail[:, :-1]], axis=1), [filler + sinks + 18])
+        last.append(model(tail[:, -1:], cache=cache))
+    assert mx.allclose(last[0], last[1], atol=1e-4).item()
+    model.use_state(True)
+    with_state = incremental(model, mx.concatenate([head, tail], axis=1), [sinks + 19])[0][:, -1]
+    assert not mx.allclose(with_state, last[0][:, -1], atol=1e-3).item()  # the switch switches something

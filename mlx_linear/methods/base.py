@@ -17,6 +17,8 @@ from ..scan import gla_scan
 class LinearMethod(nn.Module):
     name: str = ""
     linear_weight: float = 0.5  # the linear branch's share of the output (Liger's equal mix)
+    state_size: int = 1  # arrays in the method's decode state (the scan's state first)
+    needs_window_mass = False  # mix() gets the window's sum(exp(score - max)) per query
 
     def __init__(self, attention: nn.Module):
         super().__init__()
@@ -35,17 +37,18 @@ class LinearMethod(nn.Module):
     def mix_weight(self):
         return self.linear_weight
 
-    def mix(self, linear, window):
+    def mix(self, linear, window, window_mass=None):
         weight = self.mix_weight()
         if not isinstance(weight, mx.array) and weight == 1:
             return linear  # a linear branch alone: the (lazy) window branch is never computed
         return weight * linear + (1 - weight) * window
 
     def __call__(self, q, k, v, rope, state=None, mask=None):
-        """`mask` (B, L): False at left padding (batched generation), which neither writes nor decays."""
+        """(output, state): `state` is a list of `state_size` arrays (or Nones) for decode.
+        `mask` (B, L): False at left padding (batched generation), which neither writes nor decays."""
         q, k, v, log_gate = self.features(q, k, v, rope)
         if mask is not None:
             keep = mask[:, None, :, None]
             k, log_gate = mx.where(keep, k, 0), mx.where(keep, log_gate, 0)
-        output, state = self.scan(q, k, v, log_gate, state)
-        return self.readout(output), state
+        output, scan_state = self.scan(q, k, v, log_gate, state[0] if state else None)
+        return self.readout(output), [scan_state]
