@@ -26,13 +26,17 @@ def parse_limits(values):
     return limit, per_task
 
 
-def run(label, folder, adapter, options, verbose):
+def run(label, folder, adapter, options, verbose, use_state=True):
     import mlx_linear
 
     from .runner import run_tasks
 
     log(f"{label}: loading {folder}" + (f" with adapter {adapter}" if adapter else ""))
     model, tokenizer = mlx_linear.load(folder, adapter_path=adapter)
+    if not use_state:
+        if not hasattr(model, "use_state"):
+            raise UserError(f"--no-state: {folder} has no linearized layers (converted with --method none?)")
+        model.use_state(False)
     results = run_tasks(model, tokenizer, label=f"{label} ", **options)
     if verbose:
         for name, r in results.items():
@@ -55,12 +59,14 @@ def run(label, folder, adapter, options, verbose):
 @click.option("--stride", type=click.IntRange(1), help="Perplexity stride (< window: overlapping windows). [window]")
 @click.option("--scoring", default="batched", show_default=True, type=click.Choice(MODES),
               help="Choices from one branched context cache as a batch, one by one, or rerun from scratch.")
+@click.option("--no-state", is_flag=True,
+              help="Also run --model with its recurrent state off (the window branch alone): what the state adds.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--verbose", is_flag=True, help="Per-task documents, tokens and speed on stderr.")
 def eval_command(model_path, baseline, adapter, baseline_adapter, tasks, limit, data_dir, window, stride, scoring,
-                 output, verbose):
+                 no_state, output, verbose):
     """Zero-shot tasks and perplexity, scored like lm-evaluation-harness; with --baseline, side by side."""
-    from .report import RECOVERY_NOTE, compare, markdown_table
+    from .report import RECOVERY_NOTE, STATE_NOTE, compare, markdown_table, state_share, state_table
     from .runner import resolve_tasks
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -77,16 +83,24 @@ def eval_command(model_path, baseline, adapter, baseline_adapter, tasks, limit, 
                    mode=scoring)
     start = time.perf_counter()
     results = {"model": run("model", model_path, adapter, options, verbose)}
+    if no_state:
+        results["state_off"] = run("state off", model_path, adapter, options, verbose, use_state=False)
     if baseline:
         results["baseline"] = run("baseline", baseline, baseline_adapter, options, verbose)
     metrics = {k: {t: r.metrics for t, r in v.items()} for k, v in results.items()}
     click.echo(markdown_table(metrics["model"], metrics.get("baseline")))
+    if no_state:
+        click.echo("\n" + state_table(metrics["model"], metrics["state_off"], metrics.get("baseline")))
     if output:
         data = dict(metrics)
         if baseline:
             data.update(compare(metrics["model"], metrics["baseline"]), note=RECOVERY_NOTE)
+        if baseline and no_state:
+            data.update(state_share=state_share(metrics["model"], metrics["state_off"], metrics["baseline"]),
+                        state_note=STATE_NOTE)
         data["config"] = {
             "model": model_path, "adapter": adapter, "baseline": baseline, "baseline_adapter": baseline_adapter,
+            "no_state": no_state,
             **{k: v for k, v in options.items() if k != "data_dir"}, "data_dir": str(data_dir or ""),
             "documents": {t: r.documents for t, r in results["model"].items()},
         }

@@ -1,16 +1,22 @@
 """A model's metrics beside a baseline's: differences, recovery ratios, a markdown table."""
 
-from .tasks import LOWER_IS_BETTER, TASKS, mean
+from .tasks import TASKS, lower_is_better, mean
 
 RECOVERY_NOTE = (
     "recovery = model / baseline; for perplexity baseline / model. 1.0 = the baseline's score. "
     "average = mean of each task's primary metric (acc_norm for ARC-Challenge and HellaSwag, acc elsewhere)."
 )
 
+STATE_NOTE = (
+    "state off = the same model with its recurrent state switched off (the window branch alone). "
+    "state share = (model - state off) / (baseline - state off): the part of the window-only model's gap "
+    "to the baseline that the state closes (1.0 = all of it; 0 = the state adds nothing)."
+)
+
 
 def ratio(metric, model, baseline):
     """How much of the baseline the model keeps; perplexity inverted so that 1.0 = full recovery."""
-    if metric in LOWER_IS_BETTER:
+    if lower_is_better(metric):
         model, baseline = baseline, model
     return model / baseline if baseline else None
 
@@ -35,7 +41,7 @@ def compare(model, baseline):
 def number(value, metric="", sign=""):
     if value is None:
         return "-"
-    if metric in LOWER_IS_BETTER:
+    if lower_is_better(metric):
         return f"{value:{sign},.2f}" if abs(value) < 1e4 else f"{value:{sign},.0f}"
     return f"{value:{sign}.4f}"
 
@@ -71,3 +77,31 @@ def markdown_table(model, baseline=None):
             f"| {percent(avg['recovery'])} |"
         )
     return "\n".join(rows) + "\n\n" + RECOVERY_NOTE
+
+
+def share(model, state_off, baseline):
+    gap = baseline - state_off
+    return (model - state_off) / gap if gap else None
+
+
+def state_share(model, state_off, baseline):
+    """{task: {metric: share}}: how much of the window-only model's gap to the baseline the state closes."""
+    return {
+        task: {k: share(v, state_off[task][k], baseline[task][k]) for k, v in metrics.items()
+               if k in state_off.get(task, {}) and k in baseline.get(task, {})}
+        for task, metrics in model.items()
+    }
+
+
+def state_table(model, state_off, baseline=None):
+    """One row per task and metric: the model with its state on and off (and the baseline, the share)."""
+    shares = state_share(model, state_off, baseline) if baseline else {}
+    head = "| task | metric | state on | state off |" + (" baseline | state share |" if baseline else "")
+    rows = [head, "|---" * (6 if baseline else 4) + "|"]
+    for task, metrics in model.items():
+        for k, v in metrics.items():
+            cells = [number(v, k), number(state_off.get(task, {}).get(k), k)]
+            if baseline:
+                cells += [number(baseline.get(task, {}).get(k), k), percent(shares[task].get(k))]
+            rows.append(f"| {task} | {k} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n\n" + STATE_NOTE

@@ -132,12 +132,12 @@ def window_spans(n_tokens, window, stride=None):
     return spans
 
 
-def window_nll(model, tokens, begin, end, scored):
-    """Summed negative log-likelihood of the last `scored` predictions of tokens[begin:end]."""
-    logits = model(mx.array(tokens[begin:end])[None])[:, -scored:]
+def window_nlls(model, tokens, begin, end, scored):
+    """Negative log-likelihoods of the last `scored` predictions of tokens[begin:end], in order."""
+    logits = model(mx.array(tokens[begin:end])[None])[:, -scored:].astype(mx.float32)
     targets = mx.array(tokens[end - scored + 1 : end + 1])[None]
-    ll, _ = continuation_scores(logits, targets, mx.array([scored]))
-    return -ll.item()
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return (-mx.take_along_axis(logprobs, targets[..., None], axis=-1)[0, :, 0]).tolist()
 
 
 class Scorer:
@@ -181,8 +181,8 @@ class Scorer:
     def perplexity_spans(self, tokens):
         return window_spans(len(tokens), self.window, self.stride)
 
-    def window_nll(self, tokens, span):
+    def window_nlls(self, tokens, span):
         begin, end, scored = span
         self.tokens += end - begin
-        return window_nll(self.model, tokens, begin, end, scored)
+        return window_nlls(self.model, tokens, begin, end, scored)
 

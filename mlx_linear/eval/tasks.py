@@ -8,6 +8,7 @@ decorate it with @register_task (README, "Evaluation").
 """
 
 import math
+import random
 import re
 
 from mlx_linear.errors import UserError
@@ -18,6 +19,22 @@ from .data import data_file, read_jsonl, read_labels
 TASKS = Registry("task")
 register_task = TASKS.register
 LOWER_IS_BETTER = {"ppl"}
+# Perplexity is also reported by position in the window: predictions made from 0-63 tokens of
+# context lie inside the 64-token softmax window, the rest only the recurrent state can serve.
+POSITION_BUCKETS = (0, 64, 256, 1024, 4096, 16384, 65536)
+
+
+def lower_is_better(metric):
+    """ppl and its per-bucket forms (ppl@64-256, ...)."""
+    return metric.partition("@")[0] in LOWER_IS_BETTER
+
+
+def tokens_label(n):
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def bucket_label(low, high):
+    return f"{tokens_label(low)}-{tokens_label(high)}"
 
 
 def get_task(name):
@@ -114,21 +131,38 @@ class LastWord(JsonlTask):
 
 
 class Perplexity(Task):
-    """Token-level perplexity of a whole text file in the scorer's windows (a document = a window)."""
+    """Token-level perplexity of a whole text in the scorer's windows (a document = a window),
+    overall and by the prediction's position in its window (`ppl@64-256`: from 64-255 tokens of context)."""
 
     metrics = ("ppl",)
 
+    def text(self, root):
+        return data_file(root, self.files[0]).read_text(encoding="utf-8")
+
     def documents(self, root, scorer):
-        text = data_file(root, self.files[0]).read_text(encoding="utf-8")
-        tokens = scorer.encode(text)
+        tokens = scorer.encode(self.text(root))
         return ((tokens, span) for span in scorer.perplexity_spans(tokens))
 
     def process(self, scorer, doc):
         tokens, span = doc
-        return {"nll": scorer.window_nll(tokens, span), "count": span[2]}
+        nlls = scorer.window_nlls(tokens, span)
+        first = span[1] - span[0] - span[2]  # window position of the first scored prediction
+        score = {"nll": sum(nlls), "count": len(nlls)}
+        for low, high in zip(POSITION_BUCKETS, POSITION_BUCKETS[1:]):
+            part = nlls[max(low - first, 0) : max(high - first, 0)]
+            if part:
+                label = bucket_label(low, high)
+                score[f"nll@{label}"], score[f"count@{label}"] = sum(part), len(part)
+        return score
 
     def aggregate(self, scores):
-        return {"ppl": math.exp(sum(s["nll"] for s in scores) / sum(s["count"] for s in scores))}
+        metrics = {"ppl": math.exp(sum(s["nll"] for s in scores) / sum(s["count"] for s in scores))}
+        for low, high in zip(POSITION_BUCKETS, POSITION_BUCKETS[1:]):
+            label = bucket_label(low, high)
+            count = sum(s.get(f"count@{label}", 0) for s in scores)
+            if count:
+                metrics[f"ppl@{label}"] = math.exp(sum(s.get(f"nll@{label}", 0) for s in scores) / count)
+        return metrics
 
 
 @register_task
@@ -260,3 +294,60 @@ class WikiText2(Perplexity):
 class TinyShakespeare(Perplexity):
     name = "tinyshakespeare"
     files = ("tinyshakespeare/input.txt",)
+
+
+@register_task
+class HeldOutText(Perplexity):
+    """General English held out of training: the records lora-train holds out of gentext/
+    (seed 0), so the model never trained on them."""
+
+    name = "gentext"
+    files = ("gentext",)
+
+    def check(self, root):
+        if not any((root / self.files[0]).glob("*.jsonl")):
+            raise UserError(f"{root / self.files[0]} has no *.jsonl files: put the training text there")
+
+    def text(self, root):
+        from ..train.data import load_source
+
+        return "\n\n".join(r["text"] for r in load_source(root / self.files[0]).valid)
+
+
+@register_task
+class Passkey(Task):
+    """Retrieval beyond the window: a 5-digit pass key hidden in filler at several depths of a
+    prompt of 512-4k tokens, asked for at the end; acc = greedy decoding gives exactly the key.
+    The needle always lies further back than the 64-token window. Synthetic: needs no data."""
+
+    name = "passkey"
+    lengths = (512, 1024, 2048, 4096)
+    depths = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75)
+    metrics = ("acc",)
+    intro = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it.\n"
+    filler = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+    needle = " The pass key is {key}. Remember it. {key} is the pass key."
+    question = "\nWhat is the pass key? The pass key is"
+
+    def documents(self, root, scorer):
+        rng = random.Random(0)
+        fixed = len(scorer.encode(self.intro + self.needle.format(key=12345) + self.question))
+        repeats = {n: (n - fixed) // len(scorer.encode(self.filler)) for n in self.lengths}
+        for length in self.lengths:
+            for depth in self.depths:
+                key, before = str(rng.randrange(10000, 100000)), round(depth * repeats[length])
+                context = (self.intro + self.filler * before + self.needle.format(key=key)
+                           + self.filler * (repeats[length] - before) + self.question)
+                yield {"context": context, "key": key, "length": length}
+
+    def process(self, scorer, doc):
+        [(_, greedy)] = scorer.loglikelihoods([(doc["context"], " " + doc["key"])])
+        return {"acc": float(greedy), "length": doc["length"]}
+
+    def aggregate(self, scores):
+        metrics = {"acc": mean(s["acc"] for s in scores)}
+        for length in self.lengths:
+            hits = [s["acc"] for s in scores if s["length"] == length]
+            if hits:
+                metrics[f"acc@{tokens_label(length)}"] = mean(hits)
+        return metrics
