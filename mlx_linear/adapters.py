@@ -69,8 +69,12 @@ def read_adapter_config(folder) -> dict:
 
 def load_adapter(model, folder, name=ADAPTER_FILE):
     """Add the adapter's LoRA layers to `model` and load its weights."""
-    config = read_adapter_config(folder)
-    apply_lora(model, config)
+    apply_lora(model, read_adapter_config(folder))
+    return load_adapter_weights(model, folder, name)
+
+
+def load_adapter_weights(model, folder, name=ADAPTER_FILE):
+    """Load an adapter's weights into a model that already has its LoRA layers (any subset)."""
     path = Path(folder) / name
     if not path.is_file():
         raise UserError(f"{path} is missing: the training run saved no adapter yet")

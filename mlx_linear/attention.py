@@ -31,7 +31,7 @@ def keep_last(cache):
 
 
 class LinearizedAttention(nn.Module):
-    def __init__(self, attention: nn.Module, method: nn.Module, window: int, sinks: int = 0):
+    def __init__(self, attention: nn.Module, method: type, options: dict, window: int, sinks: int = 0):
         super().__init__()
         for name in PRETRAINED:
             if hasattr(attention, name):
@@ -40,12 +40,13 @@ class LinearizedAttention(nn.Module):
         self.n_heads = attention.n_heads
         self.n_kv_heads = attention.n_kv_heads
         self.scale = attention.scale
-        self.method = method
         self.window = window
         self.sinks = sinks
+        self.method = method(self, **options)  # it reads the geometry above: heads, dims, window
         # The pretrained forward, run on these same weights when softmax attention is wanted.
         self.softmax_forward = type(attention).__call__
         self.use_softmax = False
+        self.recorder = None  # a callable given (input, output) of each softmax forward
         self.use_state = True  # False: the window branch alone (what the recurrent state adds)
 
     def project(self, x):
@@ -59,7 +60,10 @@ class LinearizedAttention(nn.Module):
 
     def __call__(self, x: mx.array, mask: Optional[mx.array] = None, cache: Optional[Any] = None):
         if self.use_softmax:
-            return self.softmax_forward(self, x, mask=mask, cache=cache)
+            out = self.softmax_forward(self, x, mask=mask, cache=cache)
+            if self.recorder is not None:  # the teacher's attention, for attention transfer
+                self.recorder((x, out))
+            return out
         B, L, _ = x.shape
         q, k, v = self.project(x)
         state_cache, window_cache = cache if cache is not None else (None, None)

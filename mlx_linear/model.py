@@ -7,6 +7,7 @@ it with --trust-remote-code.
 """
 
 import importlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -14,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs, create_attention_mask
 from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, RotatingKVCache
+from mlx_lm.tuner.lora import LoRALinear
 
 from .attention import LinearizedAttention
 from .methods import get_method
@@ -70,7 +72,7 @@ class Model(nn.Module):
         for i, layer in enumerate(self.layers):
             if lin.is_linear(i):
                 attn = layer.self_attn
-                layer.self_attn = LinearizedAttention(attn, method(attn, **lin.options), lin.window, lin.sinks)
+                layer.self_attn = LinearizedAttention(attn, method, lin.options, lin.window, lin.sinks)
         self.linear_layers = [lin.is_linear(i) for i in range(len(self.layers))]
         self.full_index = self.linear_layers.index(False) if False in self.linear_layers else None
         self.softmax_everywhere = False
@@ -88,7 +90,35 @@ class Model(nn.Module):
             if linear:
                 layer.self_attn.use_state = enabled
 
+    @contextmanager
+    def teacher(self, record=None):
+        """Run as the original transformer on the same weights: softmax attention, LoRA off.
+        With `record` (a list), each linearized layer appends its attention's (input, output)."""
+        loras = [m for _, m in self.named_modules() if isinstance(m, LoRALinear)]
+        scales = [m.scale for m in loras]
+        attentions = [layer.self_attn for layer, linear in zip(self.layers, self.linear_layers) if linear]
+        for m in loras:
+            m.scale = 0.0
+        for attn in attentions:
+            attn.recorder = None if record is None else record.append  # a list would become a child module
+        self.use_softmax_attention(True)
+        try:
+            yield attentions
+        finally:
+            self.use_softmax_attention(False)
+            for m, scale in zip(loras, scales):
+                m.scale = scale
+            for attn in attentions:
+                attn.recorder = None
+
     def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None):
+        h = self.hidden_states(inputs, cache, input_embeddings)
+        if hasattr(self, "lm_head"):
+            return self.lm_head(h)
+        return self.model.embed_tokens.as_linear(h)
+
+    def hidden_states(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None):
+        """The last layer's normalised output, before the LM head."""
         h = input_embeddings if input_embeddings is not None else self.model.embed_tokens(inputs)
         cache = cache if cache is not None else [None] * len(self.layers)
         mask = None
@@ -98,10 +128,7 @@ class Model(nn.Module):
             mask = create_attention_mask(h, cache[self.full_index])
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, cache=c)
-        h = self.model.norm(h)
-        if hasattr(self, "lm_head"):
-            return self.lm_head(h)
-        return self.model.embed_tokens.as_linear(h)
+        return self.model.norm(h)
 
     def sanitize(self, weights):
         return self.base_sanitize(weights)

@@ -14,7 +14,7 @@ from mlx_linear.errors import Interrupted, UserError
 from mlx_linear.train import TrainConfig, load_source, train
 from mlx_linear.train import trainer as trainer_module
 from mlx_linear.train.data import Encoder, Packer, documents, sequences
-from mlx_linear.train.losses import make_loss, teacher_mode
+from mlx_linear.train.losses import make_loss
 from mlx_linear.train.trainer import validate, validation_sets
 
 WORDS = "the thin cat sat on a mat while in the house then the rain came in".split()
@@ -119,7 +119,7 @@ def test_losses_against_numpy(tiny_liger):
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     mask = mx.array(np.random.default_rng(0).random((2, 12)) > 0.3)
     student = log_softmax(model(inputs))
-    with teacher_mode(model):
+    with model.teacher():
         teacher = log_softmax(model(inputs))
     t, m = np.array(targets), np.array(mask)
     ce = -np.take_along_axis(student, t[..., None], -1)[..., 0]
@@ -281,17 +281,29 @@ def test_attention_transfer_loss_against_layer_by_layer_oracle(hf_checkpoints, t
     assert np.isclose(total.item(), expected, rtol=1e-4) and norm.item() == 24 * len(model.layers)
 
 
-def test_attention_transfer_then_cross_entropy(tiny_liger, tmp_path):
-    """Stage 1 fits the softmax attention outputs of a repeated text; stage 2 starts from it."""
-    text = write_jsonl(tmp_path / "t.jsonl", [{"text": " ".join(WORDS * 3)}] * 4)
+@pytest.mark.parametrize("method,options", [("lolcats", {}), ("liger-gla", {"feature_proj": True, "learned_mix": True})])
+def test_attention_transfer_then_cross_entropy(hf_checkpoints, tmp_path, method, options):
+    """Stage 1 trains only the method's parameters to fit the softmax attention outputs of a
+    repeated text; stage 2 adds LoRA and starts from stage 1's parameters."""
+    model = convert(tmp_path / "m", hf_source=str(hf_checkpoints["llama"]), window=8, method=method, options=options,
+                    log=lambda m: None)
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": " ".join(WORDS * 6)}] * 4)
     sources = [load_source(text)]
-    config = small_config(objective="transfer", iters=16, grad_accumulation=1, val_every=16)
-    state, _ = run_train(tiny_liger, sources, tmp_path / "at", config)
+    config = small_config(objective="transfer", iters=16, grad_accumulation=1, val_every=16, method_lr=3e-2)
+    state, stage1 = run_train(model, sources, tmp_path / "at", config)
     vals = [e["val"]["all"] for e in state["log"] if "val" in e]
     assert vals[-1]["loss"] < 0.8 * vals[0]["loss"] and vals[0]["ce"] > 0
-    state, _ = run_train(tiny_liger, sources, tmp_path / "ce", small_config(init_adapter=str(tmp_path / "at"), iters=1))
+    assert stage1 and all(".method." in k for k in stage1)  # no LoRA in stage 1
+    state, stage2 = run_train(model, sources, tmp_path / "ce", small_config(init_adapter=str(tmp_path / "at"), iters=1))
     first_val = next(e["val"]["all"]["ce"] for e in state["log"] if "val" in e)
-    assert abs(first_val - vals[-1]["ce"]) < 1e-4  # stage 2 starts from stage 1's best adapter
+    assert abs(first_val - vals[-1]["ce"]) < 1e-4  # stage 2 starts from stage 1's best parameters
+    assert any("lora_a" in k for k in stage2)
+
+
+def test_attention_transfer_needs_method_parameters(tiny_liger, tmp_path):
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": " ".join(WORDS * 3)}] * 4)
+    with pytest.raises(UserError, match="nothing to train"):
+        run_train(tiny_liger, [load_source(text)], tmp_path / "at", small_config(objective="transfer"))
 
 
 def test_gradient_checkpointing_changes_nothing(data, tiny_liger, tmp_path, monkeypatch):

@@ -2,51 +2,14 @@
 (loss sum, its normaliser, cross-entropy sum, cross-entropy tokens), so that gradient
 accumulation and data parallelism can divide by the global normaliser.
 
-The teacher is the original model: the same weights with softmax attention and LoRA off.
+The teacher is the original model: the same weights with softmax attention and LoRA off
+(`Model.teacher()`).
 """
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.tuner.lora import LoRALinear
 
 OBJECTIVES = ("ce", "distill", "transfer")
-
-
-class teacher_mode:
-    """Run the original model on the same weights; with `record`, collect each linearized
-    layer's attention (input, output) pairs."""
-
-    def __init__(self, model, record=None):
-        self.model, self.record = model, record
-        self.loras = [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
-        self.attentions = [l.self_attn for l, linear in zip(model.layers, model.linear_layers) if linear]
-
-    def __enter__(self):
-        self.scales = [m.scale for m in self.loras]
-        for m in self.loras:
-            m.scale = 0.0
-        self.model.use_softmax_attention(True)
-        if self.record is not None:
-            for attn in self.attentions:
-                attn.softmax_forward = self._recording(attn.softmax_forward)
-        return self
-
-    def _recording(self, forward):
-        def record(attn, x, mask=None, cache=None):
-            out = forward(attn, x, mask=mask, cache=cache)
-            self.record.append((x, out))
-            return out
-
-        record.original = forward
-        return record
-
-    def __exit__(self, *exc):
-        for m, scale in zip(self.loras, self.scales):
-            m.scale = scale
-        self.model.use_softmax_attention(False)
-        if self.record is not None:
-            for attn in self.attentions:
-                attn.softmax_forward = attn.softmax_forward.original
 
 
 def cross_entropy(model, inputs, targets, mask):
@@ -68,7 +31,7 @@ def make_loss(objective="ce", ce_weight=0.0):
 
     def distill(model, inputs, targets, mask):
         _, _, ce_sum, n_targets, logits = cross_entropy(model, inputs, targets, mask)
-        with teacher_mode(model):
+        with model.teacher():
             teacher = mx.stop_gradient(model(inputs).astype(mx.float32))
         teacher_logp = teacher - mx.logsumexp(teacher, axis=-1, keepdims=True)
         student_logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -78,10 +41,10 @@ def make_loss(objective="ce", ce_weight=0.0):
 
     def transfer(model, inputs, targets, mask):
         record = []
-        with teacher_mode(model, record) as teacher:
-            mx.eval(model(inputs))
+        with model.teacher(record) as attentions:
+            mx.eval(model.hidden_states(inputs))  # the teacher's hidden states; no LM head
         total = mx.array(0.0)
-        for attn, (x, y) in zip(teacher.attentions, record):
+        for attn, (x, y) in zip(attentions, record):
             error = attn(mx.stop_gradient(x)).astype(mx.float32) - mx.stop_gradient(y).astype(mx.float32)
             total = total + mx.square(error).mean(axis=-1).sum()
         norm = mx.array(float(inputs.size * len(record)))

@@ -18,7 +18,8 @@ from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.trainer import grad_checkpoint
 
-from ..adapters import ADAPTER_FILE, apply_lora, load_adapter, lora_config, read_adapter_config, save_adapter
+from ..adapters import (ADAPTER_FILE, adapter_weights, apply_lora, load_adapter_weights, lora_config,
+                        read_adapter_config, save_adapter)
 from ..errors import Interrupted, UserError
 from ..progress import Progress
 from ..utils import save_safetensors, write_json
@@ -252,14 +253,17 @@ def train(model, tokenizer, sources, config: TrainConfig, output, resume=False, 
     if world.rank() == 0:
         prepare_output(output, resume, force)
     mx.random.seed(config.seed)  # the same LoRA initialisation on every rank and every run
+    # Attention transfer (stage 1) trains the method's own parameters alone, as LoLCATs does.
+    targets = () if config.objective == "transfer" else config.lora_targets
+    lora = read_adapter_config(output) if resume else lora_config(
+        model, config.lora_rank, config.lora_scale, config.lora_dropout, targets
+    )
+    apply_lora(model, lora)
     if config.init_adapter and not resume:
-        load_adapter(model, config.init_adapter)
-        lora = read_adapter_config(config.init_adapter)
-    else:
-        lora = read_adapter_config(output) if resume else lora_config(
-            model, config.lora_rank, config.lora_scale, config.lora_dropout, config.lora_targets
-        )
-        apply_lora(model, lora)
+        load_adapter_weights(model, config.init_adapter)  # e.g. stage 1's method parameters
+    if not adapter_weights(model):
+        raise UserError("nothing to train: attention transfer trains a method's own parameters and this model's "
+                        "method has none (convert with --method lolcats, or liger-gla with feature_proj=true)")
     run = Run(output, lora, config, writer=world.rank() == 0)
     trainer = Trainer(model, config, run, world)
     if resume:

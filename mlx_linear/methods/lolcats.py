@@ -1,0 +1,67 @@
+"""LoLCATs (arXiv 2410.10254; HazyResearch/lolcats, linear_window_attention_sw): a 64-token
+softmax window and a linear attention over everything before it, under one denominator.
+
+    y_t = (g sum_win exp(q.k / sqrt(d) - m_t) v + phi(q_t) S) / (g sum_win exp(q.k / sqrt(d) - m_t) + phi(q_t) z)
+
+m_t the window's largest score, g = sigmoid(w_h) per head (starting at 0.1); S and z sum
+phi(k_s) v_s and phi(k_s) over the keys that left the window (s <= t - W), with no decay.
+phi(x) = [softmax(x W), softmax(-x W)] (Hedgehog), one W (d x d/2) per query head for q and
+one for k, starting at the first d/2 columns of the identity, applied after RoPE; so the state
+lives per query head. As in the released code, the linear term is not scaled by exp(-m_t).
+A key enters S when it leaves the window: the decode state keeps the last W keys' features
+and values (a queue, constant size) beside S. Sinks, if any, stay in the window's softmax.
+"""
+
+import math
+
+import mlx.core as mx
+
+from . import register
+from .base import LinearMethod
+
+
+def hedgehog(x, weights):
+    """[softmax(x W), softmax(-x W)] per head: x (B, H, L, d), weights (H, d, d/2)."""
+    y = x.astype(mx.float32) @ weights
+    return mx.concatenate([mx.softmax(y, axis=-1), mx.softmax(-y, axis=-1)], axis=-1)
+
+
+@register
+class LoLCATs(LinearMethod):
+    name = "lolcats"
+    state_size = 3  # S (with z as its last column), then the queue of keys and values in the window
+    needs_window_mass = True
+
+    def __init__(self, attention, window_factor=0.1):
+        super().__init__(attention)
+        if not 0 < window_factor < 1:
+            raise ValueError(f"window_factor={window_factor}: the window's weight must lie strictly between 0 and 1")
+        H = attention.n_heads
+        d = attention.q_proj.weight.shape[0] // H
+        self.q_map = self.k_map = mx.broadcast_to(mx.eye(d)[:, : d // 2], (H, d, d // 2))
+        self.window_logit = mx.full((H, 1, 1), math.log(window_factor / (1 - window_factor)))
+        self.window = attention.window
+
+    def features(self, q, k, v, rope):
+        groups = q.shape[1] // k.shape[1]
+        k, v = mx.repeat(k, groups, axis=1), mx.repeat(v.astype(mx.float32), groups, axis=1)
+        v = mx.concatenate([v, mx.ones(v.shape[:-1] + (1,))], axis=-1)  # carries z through the scan
+        return hedgehog(rope(q), self.q_map), hedgehog(rope(k), self.k_map), v
+
+    def __call__(self, q, k, v, rope, state=None, mask=None):
+        q, k, v = self.features(q, k, v, rope)
+        if mask is not None:  # left padding never enters the state
+            k, v = (mx.where(mask[:, None, :, None], x, 0) for x in (k, v))
+        B, H, L, _ = k.shape
+        S, queued_k, queued_v = state if state and state[0] is not None else (
+            None, mx.zeros((B, H, self.window, k.shape[-1])), mx.zeros((B, H, self.window, v.shape[-1])))
+        keys, values = mx.concatenate([queued_k, k], axis=2), mx.concatenate([queued_v, v], axis=2)
+        # Query t reads the state after key t - W, the first of `keys` for the first query.
+        output, S = self.scan(q, keys[:, :, :L], values[:, :, :L], mx.zeros((B, H, L, 1)), S)
+        return output, [S, keys[:, :, -self.window :], values[:, :, -self.window :]]
+
+    def mix(self, linear, window, window_mass=None):
+        if window_mass is None:
+            raise ValueError("lolcats needs the window's softmax mass: batched generation is not supported")
+        weight = mx.sigmoid(self.window_logit) * window_mass
+        return (weight * window + linear[..., :-1]) / (weight + linear[..., -1:])
