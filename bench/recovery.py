@@ -3,6 +3,12 @@ keep, untrained and after lora-train on general text mixed with chat data?
 
     python bench/recovery.py --variant paper --variant ours --tokens 200000 --limit 300
 
+Beside the benchmark average it reports what lies beyond the 64-token window: WikiText-2 and
+held-out general text by position (windows of --long-window tokens), each uptrained variant with
+its recurrent state on and off (the state's share of the gap to the original), and passkey
+retrieval at 512-4k tokens. A variant with `transfer_tokens` trains two stages: attention
+transfer of the method's own parameters, then LoRA with cross-entropy from there.
+
 Writes bench/results/recovery.json, recovery.md (the tables) and recovery.png (validation
 cross-entropy during training); the runs (converted model, adapter, logs) stay in
 bench/results/recovery/<variant>/. Evaluations are cached in recovery_evals.json, so a rerun
@@ -19,32 +25,37 @@ from common import RESULTS, write_json
 import mlx_linear
 from mlx_linear import utils
 from mlx_linear.convert import bundled_model, convert
-from mlx_linear.eval.report import RECOVERY_NOTE, average, compare, number, percent, ratio
+from mlx_linear.eval.report import RECOVERY_NOTE, STATE_NOTE, average, compare, number, percent, ratio, share
 from mlx_linear.eval.runner import evaluate
 from mlx_linear.plot import line_plot
 from mlx_linear.train import TrainConfig, load_source, train
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TASKS = ("piqa", "arc_easy", "hellaswag", "lambada", "wikitext2")
+LONG_TASKS = ("wikitext2", "gentext", "passkey")  # by position, beyond the window
 
-# name -> (conversion options, training options)
+# name -> (conversion options, training options, stage-1 attention-transfer options or None)
 OURS = {"sinks": 4, "options": {"normalize": True, "mix": 0.1, "learned_mix": True, "feature_proj": True}}
 VARIANTS = {
     # Liger as published: 0.5 linear + 0.5 window, LoRA q,k,v with cross-entropy.
-    "paper": ({}, {"objective": "ce"}),
+    "paper": ({}, {"objective": "ce"}, None),
     # Four attention sinks in the window, the linear branch normalised and mixed in at 0.1
     # (learned per head), learned feature maps for the linear branch; cross-entropy.
-    "ours": (OURS, {"objective": "ce", "method_lr": 1e-2}),
+    "ours": (OURS, {"objective": "ce", "method_lr": 1e-2}, None),
     # The same with distillation from the original (slower, and behind at small budgets).
-    "ours-distill": (OURS, {"objective": "distill", "method_lr": 1e-2}),
+    "ours-distill": (OURS, {"objective": "distill", "method_lr": 1e-2}, None),
+    # LoLCATs: attention transfer of the Hedgehog maps and window factors, then LoRA.
+    "lolcats": ({"method": "lolcats", "sinks": 4}, {"objective": "ce", "method_lr": 1e-3}, {"method_lr": 1e-2}),
 }
 
 
-def cached_evaluation(cache_file, key, model_path, adapter, options):
+def cached_evaluation(cache_file, key, model_path, adapter, options, use_state=True):
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     if key not in cache:
         print(f"evaluating {key}", flush=True)
         model, tokenizer = mlx_linear.load(model_path, adapter_path=adapter)
+        if not use_state:
+            model.use_state(False)
         start = time.perf_counter()
         cache[key] = {"metrics": evaluate(model, tokenizer, **options), "seconds": time.perf_counter() - start}
         utils.write_json(cache_file, cache)
@@ -65,35 +76,68 @@ def side_by_side(original, results):
     return "\n".join(rows)
 
 
-def run_variant(name, args, sources, evaluate_cached):
-    conversion, training = VARIANTS[name]
-    folder = RESULTS / "recovery" / name
-    model_path = folder / "model"
-    if not (model_path / "config.json").is_file():
-        convert(model_path, force=True, **conversion)
-    config = TrainConfig(seq_len=args.seq_len, tokens=args.tokens, val_every=args.val_every, seed=args.seed, **training)
-    adapter = folder / f"adapter-{args.tokens}"
-    state_file = adapter / "state.json"
+def trained(model_path, folder, sources, config):
+    """Train (or resume) a run in `folder` to config's budget; its state."""
+    state_file = folder / "state.json"
     if not (state_file.is_file() and json.loads(state_file.read_text())["update"] >= config.updates):
         model, tokenizer = mlx_linear.load(model_path)
         resume = state_file.is_file()
         start = time.perf_counter()
-        train(model, tokenizer, sources, config, adapter, resume=resume, force=not resume)
-        print(f"{name}: trained in {time.perf_counter() - start:.0f}s", flush=True)
-    state = json.loads(state_file.read_text())
+        train(model, tokenizer, sources, config, folder, resume=resume, force=not resume)
+        print(f"{folder}: trained in {time.perf_counter() - start:.0f}s", flush=True)
+    return json.loads(state_file.read_text())
+
+
+def run_variant(name, args, sources, evaluate_cached):
+    conversion, training, transfer = VARIANTS[name]
+    folder = RESULTS / "recovery" / name
+    model_path = folder / "model"
+    if not (model_path / "config.json").is_file():
+        convert(model_path, force=True, **conversion)
+    common = dict(seq_len=args.seq_len, val_every=args.val_every, seed=args.seed)
+    log, stage1 = [], None
+    if transfer:
+        stage1 = folder / f"transfer-{args.transfer_tokens}"
+        config = TrainConfig(objective="transfer", tokens=args.transfer_tokens, **common, **transfer)
+        log += [(e["tokens"], e["val"]["all"]["ce"]) for e in trained(model_path, stage1, sources, config)["log"] if "val" in e]
+        training = {**training, "init_adapter": str(stage1)}
+    adapter = folder / (f"adapter-{args.tokens}" + (f"-after-{args.transfer_tokens}" if transfer else ""))
+    state = trained(model_path, adapter, sources, TrainConfig(tokens=args.tokens, **common, **training))
+    offset = log[-1][0] if log else 0
+    tag = adapter.name
     return {
         "conversion": conversion,
-        "training": {**training, "tokens": state["tokens"], "seq_len": args.seq_len},
+        "training": {**training, "tokens": state["tokens"], "seq_len": args.seq_len, "transfer": transfer,
+                     "transfer_tokens": args.transfer_tokens if transfer else 0},
         "untrained": evaluate_cached(f"{name}|untrained", model_path, None),
-        "uptrained": evaluate_cached(f"{name}|{args.tokens}", model_path, adapter),
-        "validation": [(e["tokens"], e["val"]["all"]["ce"]) for e in state["log"] if "val" in e],
+        "uptrained": evaluate_cached(f"{name}|{tag}", model_path, adapter),
+        "long": evaluate_cached(f"{name}|{tag}", model_path, adapter, long=True),
+        "long_state_off": evaluate_cached(f"{name}|{tag}", model_path, adapter, long=True, use_state=False),
+        "validation": log + [(offset + e["tokens"], e["val"]["all"]["ce"]) for e in state["log"] if "val" in e],
     }
+
+
+def long_table(original, results):
+    """By position and passkey: the original, then each variant with its state on, off, and the share."""
+    columns = ["original"] + [f"{n} {c}" for n in results for c in ("state on", "state off", "state share")]
+    rows = ["| task | metric | " + " | ".join(columns) + " |", "|---" * (2 + len(columns)) + "|"]
+    for task, metrics in original.items():
+        for metric, value in metrics.items():
+            cells = [number(value, metric)]
+            for r in results.values():
+                on, off = r["long"][task][metric], r["long_state_off"][task][metric]
+                cells += [number(on, metric), number(off, metric), percent(share(on, off, value))]
+            rows.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="repeatable [ours]")
     parser.add_argument("--tokens", type=int, default=150_000, help="training budget per variant")
+    parser.add_argument("--transfer-tokens", type=int, default=100_000, help="stage-1 budget of two-stage variants")
+    parser.add_argument("--long-window", type=int, default=4096, help="tokens per window, by-position perplexity")
+    parser.add_argument("--long-windows", type=int, default=2, help="windows of WikiText-2 and of held-out text")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--data-weights", default="0.7,0.3", help="general text, chat")
     parser.add_argument("--limit", type=int, default=250, help="documents per task")
@@ -112,23 +156,35 @@ def main():
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = f"|limit={args.limit}|wikitext={args.wikitext_windows}"
 
-    def evaluate_cached(key, model_path, adapter):
+    long_options = {"tasks": LONG_TASKS, "window": args.long_window, "data_dir": DATA,
+                    "task_limits": {"wikitext2": args.long_windows, "gentext": args.long_windows}}
+    long_suffix = f"|long={args.long_window}x{args.long_windows}"
+
+    def evaluate_cached(key, model_path, adapter, long=False, use_state=True):
+        if long:
+            key = f"{key}{long_suffix}" + ("" if use_state else "|state-off")
+            return cached_evaluation(cache_file, key, model_path, adapter, long_options, use_state)
         return cached_evaluation(cache_file, key + suffix, model_path, adapter, options)
 
     original = evaluate_cached("original", bundled_model("none"), None)
+    original_long = evaluate_cached("original", bundled_model("none"), None, long=True)
     results = {name: run_variant(name, args, sources, evaluate_cached) for name in variants}
 
     for r in results.values():
         r.update({f"{stage}_vs_original": compare(r[stage], original) for stage in ("untrained", "uptrained")})
     lines = [f"# Recovery of SmolLM2-135M-Instruct ({args.tokens:,} training tokens, {args.limit} documents a task, "
-             f"WikiText-2 {args.wikitext_windows} x 1024 tokens)", "", side_by_side(original, results), "", RECOVERY_NOTE]
+             f"WikiText-2 {args.wikitext_windows} x 1024 tokens)", "", side_by_side(original, results), "", RECOVERY_NOTE,
+             "", f"## Beyond the window (uptrained; windows of {args.long_window} tokens, {args.long_windows} of "
+             "WikiText-2 and of held-out general text; passkey at 512-4k tokens)", "", long_table(original_long, results),
+             "", STATE_NOTE]
     report = "\n".join(lines) + "\n"
     print(report)
     (RESULTS / "recovery.md").write_text(report)
     series = {name: tuple(zip(*r["validation"])) for name, r in results.items()}
     line_plot(RESULTS / "recovery.png", [{"x": "training tokens", "y": "validation cross-entropy", "series": series}],
               title="lora-train on SmolLM2-135M-Instruct (general text 70%, chat 30%)")
-    path = write_json("recovery", {"original": original, "variants": results, "arguments": vars(args)})
+    path = write_json("recovery", {"original": original, "original_long": original_long, "variants": results,
+                                   "arguments": vars(args)})
     print(f"wrote {path}, {RESULTS / 'recovery.md'}, {RESULTS / 'recovery.png'}")
 
 

@@ -2,6 +2,11 @@
 mlx-lm's own trainer (mlx_lm.tuner.trainer.train) on the original transformer, same data.
 
     python bench/train.py [--seq-lens 1024,4096] [--steps 2] [--checkpoint-from 4096] [--data ../shared/data/gentext]
+    python bench/train.py --seq-lens 1024,2048 --transfer lolcats   # + attention transfer against CE, same model
+
+With --transfer METHOD, the converted SmolLM2 with that method also trains with attention transfer
+(stage 1: its own parameters, layer-local, no LM head) and with cross-entropy (LoRA), for the
+speed ratio of the two stages.
 """
 
 import argparse
@@ -26,10 +31,10 @@ from mlx_linear.train.data import sequences
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gentext"
 
 
-def ours(source, seq_len, steps, grad_checkpoint):
-    model, tokenizer = mlx_linear.load(bundled_model("liger-gla"))
+def ours(source, seq_len, steps, grad_checkpoint, method="liger-gla", objective="ce"):
+    model, tokenizer = mlx_linear.load(bundled_model(method))
     config = TrainConfig(seq_len=seq_len, grad_accumulation=1, iters=steps, val_every=10**9, val_sequences=1,
-                         grad_checkpoint=grad_checkpoint)
+                         grad_checkpoint=grad_checkpoint, objective=objective)
     mx.reset_peak_memory()
     with tempfile.TemporaryDirectory() as out:
         state = train(model, tokenizer, [source], config, out)
@@ -77,6 +82,7 @@ def main():
     # pass: 30 x 1.2 GB at 4096 tokens, beyond this machine's 24 GB, so both models recompute layers.
     parser.add_argument("--checkpoint-from", type=int, default=4096,
                         help="sequence length from which both models train with gradient checkpointing")
+    parser.add_argument("--transfer", metavar="METHOD", help="also time attention transfer and CE on this method")
     args = parser.parse_args()
     source = load_source(args.data)
     results = []
@@ -86,6 +92,13 @@ def main():
                "original": original(source, seq_len, args.steps, checkpoint)}
         row["speed_ratio"] = row["linearized"]["tokens_per_second"] / row["original"]["tokens_per_second"]
         row["memory_ratio"] = row["linearized"]["peak_memory_gb"] / row["original"]["peak_memory_gb"]
+        if args.transfer:
+            row["transfer"] = ours(source, seq_len, args.steps, checkpoint, args.transfer, "transfer")
+            row["ce_same_method"] = ours(source, seq_len, args.steps, checkpoint, args.transfer, "ce")
+            row["transfer_speed_ratio"] = row["transfer"]["tokens_per_second"] / row["ce_same_method"]["tokens_per_second"]
+            print(f"seq {seq_len}, {args.transfer}: attention transfer {row['transfer']['tokens_per_second']:.1f} tok/s, "
+                  f"cross-entropy {row['ce_same_method']['tokens_per_second']:.1f} tok/s (x{row['transfer_speed_ratio']:.2f})",
+                  flush=True)
         results.append(row)
         print(f"seq {seq_len}: lora-train {row['linearized']['tokens_per_second']:.1f} tok/s, "
               f"{row['linearized']['peak_memory_gb']:.2f} GB | mlx-lm original {row['original']['tokens_per_second']:.1f} tok/s, "

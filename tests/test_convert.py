@@ -31,17 +31,18 @@ def test_method_none_matches_mlx_lm(hf_checkpoints, tmp_path, model_type):
     assert tokenizer.encode("the thin") == tiny_tokenizer().encode("the thin")
 
 
+@pytest.mark.parametrize("method", ["liger-gla", "lolcats"])
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
-def test_liger_converts_and_runs(hf_checkpoints, tmp_path, model_type):
-    out = quiet(tmp_path / "liger", hf_source=str(hf_checkpoints[model_type]), full_attention_every=2)
+def test_liger_converts_and_runs(hf_checkpoints, tmp_path, model_type, method):
+    out = quiet(tmp_path / "liger", hf_source=str(hf_checkpoints[model_type]), full_attention_every=2, method=method)
     config = json.loads((out / "config.json").read_text())
-    assert config["linearization"] == {"method": "liger-gla", "window": 64, "sinks": 0, "full_attention_every": 2, "options": {}}
+    assert config["linearization"] == {"method": method, "window": 64, "sinks": 0, "full_attention_every": 2, "options": {}}
     model, _ = mlx_linear.load(out)
     logits = model(TOKENS)
     assert logits.shape == (1, TOKENS.shape[1], TINY["vocab_size"]) and mx.isfinite(logits).all().item()
-    # Same weights as the original, different attention.
+    # Same weights as the original, different attention (LoLCATs: the same inside its window).
     reference, _ = load_model(hf_checkpoints[model_type])
-    assert not mx.allclose(logits, reference(TOKENS), atol=1e-3).item()
+    assert mx.allclose(logits, reference(TOKENS), atol=1e-3).item() == (method == "lolcats" and TOKENS.shape[1] <= 64)
     model.use_softmax_attention(True)
     assert mx.allclose(model(TOKENS), reference(TOKENS), atol=1e-5).item()
 
@@ -213,6 +214,9 @@ def test_mismatched_weights_are_a_user_error(tmp_path):
     ("supra", "mix=abc", ["mix='abc'", "a number"]),
     ("supra", "mix=2", ["mix=2", "(0, 1]"]),
     ("liger-gla", "normalize=yes", ["normalize='yes'", "true or false"]),
+    ("liger-gla", "gate_normalizer=0", ["gate_normalizer=0", "positive"]),
+    ("lolcats", "window_factor=1", ["window_factor=1", "between 0 and 1"]),
+    ("lolcats", "mix=0.5", ["no option 'mix'", "window_factor"]),
 ])
 def test_bad_method_options(hf_checkpoints, tmp_path, method, option, words):
     result = cli("--hf", str(hf_checkpoints["llama"]), "--method", method, "--method-option", option, "-o", str(tmp_path / "o"))

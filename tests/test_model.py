@@ -20,7 +20,7 @@ def tiny_model(model_type="llama", seed=0, **linearization):
     return model
 
 
-def reference_liger(attn, x, window, sinks=0, normalize=False, mix=0.5, maps=None):
+def reference_liger(attn, x, window, sinks=0, normalize=False, mix=0.5, maps=None, gate_normalizer=16):
     """Section 1 of the design file, token by token, with explicit GQA repetition."""
     B, L, _ = x.shape
     H, Hkv = attn.n_heads, attn.n_kv_heads
@@ -30,7 +30,7 @@ def reference_liger(attn, x, window, sinks=0, normalize=False, mix=0.5, maps=Non
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-    gate = mx.repeat(mx.exp(nn.log_sigmoid(k) / 16), H // Hkv, axis=1)
+    gate = mx.repeat(mx.exp(nn.log_sigmoid(k) / gate_normalizer), H // Hkv, axis=1)
     fq, fk = (q, k) if maps is None else (q @ maps[0], k @ maps[1])
     fq, fk = mx.softmax(fq, axis=-1), mx.repeat(mx.softmax(fk, axis=-1), H // Hkv, axis=1)
     k, v = mx.repeat(k, H // Hkv, axis=1), mx.repeat(v, H // Hkv, axis=1)
@@ -76,6 +76,15 @@ def test_normalized_and_mixed_variant(learned_mix):
     expected = reference_liger(attn, x, window=8, sinks=2, normalize=True, mix=0.1)
     assert mx.allclose(attn(x), expected, atol=1e-4).item()
     assert ("method.mix_logit" in dict(tree_flatten(attn.parameters()))) == learned_mix
+
+
+def test_gate_normalizer():
+    model = tiny_model("llama", sinks=1, options={"gate_normalizer": 256, "normalize": True})
+    attn = model.layers[0].self_attn
+    x = mx.random.normal((1, 30, TINY["hidden_size"]))
+    expected = reference_liger(attn, x, window=8, sinks=1, normalize=True, gate_normalizer=256)
+    assert mx.allclose(attn(x), expected, atol=1e-4).item()
+    assert not mx.allclose(attn(x), reference_liger(attn, x, window=8, sinks=1, normalize=True), atol=1e-3).item()
 
 
 def test_feature_projections():

@@ -9,6 +9,8 @@ Options (the defaults are the paper's method):
   ones appended to v carries z through the same scan);
 - mix: the linear branch's weight, mix * linear + (1 - mix) * window (0.5);
 - learned_mix: one trainable weight per query head, sigmoid(w), starting at `mix`;
+- gate_normalizer: the divisor of the log-gate (16, GLA's); larger keeps more of the past: the
+  median half-life of SmolLM2's gates is ~15 tokens at 16, inside the 64-token window;
 - feature_proj: trainable per-head d x d maps before the feature maps of the linear branch,
   phi(q W_q), phi(k W_k), starting at the identity (as LoLCATs' learned feature maps, they
   let the linear branch adapt without moving the window branch's q and k).
@@ -30,11 +32,14 @@ EPS = 1e-6
 class LigerGLA(LinearMethod):
     name = "liger-gla"
 
-    def __init__(self, attention, normalize=False, mix=0.5, learned_mix=False, feature_proj=False):
+    def __init__(self, attention, normalize=False, mix=0.5, learned_mix=False, feature_proj=False,
+                 gate_normalizer=GATE_NORMALIZER):
         super().__init__(attention)
         if not 0 < mix < 1:
             raise ValueError(f"mix={mix}: the linear branch's weight must lie strictly between 0 and 1")
-        self.normalize, self.linear_weight = normalize, mix
+        if gate_normalizer <= 0:
+            raise ValueError(f"gate_normalizer={gate_normalizer}: must be positive")
+        self.normalize, self.linear_weight, self.gate_normalizer = normalize, mix, gate_normalizer
         if learned_mix:
             self.mix_logit = mx.full((attention.n_heads, 1, 1), math.log(mix / (1 - mix)))
         if feature_proj:
@@ -44,7 +49,7 @@ class LigerGLA(LinearMethod):
 
     def features(self, q, k, v, rope):
         q, k = q.astype(mx.float32), k.astype(mx.float32)
-        log_gate = nn.log_sigmoid(k) / GATE_NORMALIZER  # from the raw key, whatever the maps
+        log_gate = nn.log_sigmoid(k) / self.gate_normalizer  # from the raw key, whatever the maps
         if "q_map" in self:
             q, k = q @ self.q_map, k @ self.k_map
         if self.normalize:
