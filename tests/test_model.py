@@ -206,12 +206,12 @@ def test_prompt_cache_file_round_trip(tmp_path):
     assert mx.allclose(model(nxt, cache=cache), model(nxt, cache=loaded), atol=1e-6).item()
 
 
-@pytest.mark.parametrize("sinks", [0, 2])
-def test_window_branch_ignores_the_absolute_position(sinks):
+@pytest.mark.parametrize("sinks,method", [(0, {}), (2, {}), (2, {"method": "lolcats"}), (2, SUPRA_MIXED)])
+def test_window_branch_ignores_the_absolute_position(sinks, method):
     """State off, every layer reads only its sinks and its window, so the last logits depend on
     the sinks' tokens and the last (layers x window) tokens, not on how far back the sinks are:
     a query never sits further from the sinks than it did at position window + sinks - 1."""
-    model = tiny_model(sinks=sinks)
+    model = tiny_model(sinks=sinks, **method)
     model.use_state(False)
     head, tail = mx.random.randint(0, TINY["vocab_size"], (1, sinks)), mx.random.randint(0, TINY["vocab_size"], (1, 20))
     last = []
