@@ -6,7 +6,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from conftest import TINY
-from test_model import incremental, tiny_model
+from test_model import assert_pieces_match_one_forward, cache_bytes, head_projections, tiny_model
 
 WINDOW = 8
 
@@ -25,12 +25,7 @@ def reference_lolcats(attn, x, sinks=0):
     """y_t = (g sum_win exp(s - max) v + sum_{s <= t-W} phi(q).phi(k) v) / (same without v)."""
     B, L, _ = x.shape
     H, Hkv, m = attn.n_heads, attn.n_kv_heads, attn.method
-    q = attn.q_proj(x).reshape(B, L, H, -1)
-    k = attn.k_proj(x).reshape(B, L, Hkv, -1)
-    v = attn.v_proj(x).reshape(B, L, Hkv, -1)
-    if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    q, k, v = head_projections(attn, x)
     k, v = mx.repeat(k, H // Hkv, axis=1), mx.repeat(v, H // Hkv, axis=1)
     qr, kr = attn.rope(q), attn.rope(k)
 
@@ -83,21 +78,11 @@ def test_gradients_follow_the_design():
 
 @pytest.mark.parametrize("sinks", [0, 2])
 def test_prefill_pieces_then_decode_equals_full_forward(sinks):
-    model = lolcats_model("qwen3", sinks)
-    tokens = mx.random.randint(0, TINY["vocab_size"], (2, 40))
-    full = model(tokens)
-    for split in ([5, 9, 1, 12], [9, 3, 1, 10], [20]):
-        pieces, _ = incremental(model, tokens, split)
-        assert mx.allclose(full, pieces, atol=1e-4).item()
+    assert_pieces_match_one_forward(lolcats_model("qwen3", sinks), ([5, 9, 1, 12], [9, 3, 1, 10], [20]))
 
 
 def test_state_size_is_constant():
-    model = lolcats_model()
-    sizes = []
-    for length in (20, 300):
-        _, cache = incremental(model, mx.random.randint(0, TINY["vocab_size"], (1, length)), [length - 3])
-        mx.eval([c.state for c in cache])
-        sizes.append(sum(c.nbytes for c in cache))
+    sizes = cache_bytes(lolcats_model())
     H, d, W = TINY["num_attention_heads"], TINY["head_dim"], WINDOW
     state = H * d * (d + 1) + H * W * d + H * W * (d + 1)  # S and z, the queue of features and values
     window = 2 * W * TINY["num_key_value_heads"] * d

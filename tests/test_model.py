@@ -20,16 +20,22 @@ def tiny_model(model_type="llama", seed=0, **linearization):
     return model
 
 
+def head_projections(attn, x):
+    """q (B, H, L, d), k and v (B, Hkv, L, d): the pretrained projections (and Qwen3 norms)."""
+    B, L, _ = x.shape
+    q = attn.q_proj(x).reshape(B, L, attn.n_heads, -1)
+    k = attn.k_proj(x).reshape(B, L, attn.n_kv_heads, -1)
+    v = attn.v_proj(x).reshape(B, L, attn.n_kv_heads, -1)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+
+
 def reference_liger(attn, x, window, sinks=0, normalize=False, mix=0.5, maps=None, gate_normalizer=16):
     """Section 1 of the design file, token by token, with explicit GQA repetition."""
     B, L, _ = x.shape
     H, Hkv = attn.n_heads, attn.n_kv_heads
-    q = attn.q_proj(x).reshape(B, L, H, -1)
-    k = attn.k_proj(x).reshape(B, L, Hkv, -1)
-    v = attn.v_proj(x).reshape(B, L, Hkv, -1)
-    if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    q, k, v = head_projections(attn, x)
     gate = mx.repeat(mx.exp(nn.log_sigmoid(k) / gate_normalizer), H // Hkv, axis=1)
     fq, fk = (q, k) if maps is None else (q @ maps[0], k @ maps[1])
     fq, fk = mx.softmax(fq, axis=-1), mx.repeat(mx.softmax(fk, axis=-1), H // Hkv, axis=1)
@@ -156,21 +162,30 @@ SUPRA_MIXED = {"method": "supra", "options": {"mix": 0.5}}
 def test_prefill_pieces_then_decode_equals_full_forward(model_type, full_attention_every, sinks, method):
     """Window 8: pieces of 5, 9 and 1 then decode cross the window boundary several times."""
     model = tiny_model(model_type, full_attention_every=full_attention_every, sinks=sinks, **method)
+    assert_pieces_match_one_forward(model, ([5, 9, 1, 12], [9, 3, 1, 10]))  # a piece starting in the window, past it
+
+
+def assert_pieces_match_one_forward(model, splits):
     tokens = mx.random.randint(0, TINY["vocab_size"], (2, 40))
     full = model(tokens)
-    for split in ([5, 9, 1, 12], [9, 3, 1, 10]):  # a piece starting in the window, past it
+    for split in splits:
         pieces, _ = incremental(model, tokens, split)
         assert mx.allclose(full, pieces, atol=1e-4).item()
 
 
-def test_cache_bytes_do_not_grow():
-    model = tiny_model()
+def cache_bytes(model, lengths=(20, 300)):
+    """The cache's bytes after prefilling (all but one token) and decoding each length."""
     sizes = []
-    for length in (20, 300):
+    for length in lengths:
         tokens = mx.random.randint(0, TINY["vocab_size"], (1, length))
         _, cache = incremental(model, tokens, [length - 1])
         mx.eval([c.state for c in cache])
         sizes.append(sum(c.nbytes for c in cache))
+    return sizes
+
+
+def test_cache_bytes_do_not_grow():
+    sizes = cache_bytes(tiny_model())
     assert sizes[0] == sizes[1] > 0
 
 
