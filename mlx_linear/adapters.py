@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .errors import UserError
-from .utils import save_safetensors, write_json
+from .utils import read_safetensors, save_safetensors, write_json
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -64,7 +64,15 @@ def read_adapter_config(folder) -> dict:
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{folder} is not an adapter folder (no {CONFIG_FILE}): pass the -o of `mlx_linear lora-train`")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+        rank, _, _, keys = (config["lora_parameters"][k] for k in ("rank", "scale", "dropout", "keys"))
+        if not (isinstance(config["num_layers"], int) and isinstance(rank, int) and all(isinstance(k, str) for k in keys)):
+            raise TypeError("num_layers, rank or keys has the wrong type")
+    except (ValueError, KeyError, TypeError) as e:
+        problem = f"lacks {e}" if isinstance(e, KeyError) else f"is malformed ({e})"
+        raise UserError(f"{path} {problem}: restore it from the run that wrote it (lora-train rewrites it)") from None
+    return config
 
 
 def load_adapter(model, folder, name=ADAPTER_FILE):
@@ -78,7 +86,7 @@ def load_adapter_weights(model, folder, name=ADAPTER_FILE):
     path = Path(folder) / name
     if not path.is_file():
         raise UserError(f"{path} is missing: the training run saved no adapter yet")
-    weights = mx.load(str(path))
+    weights = read_safetensors(path, "copy the adapter again, or train it again")
     expected = adapter_weights(model)
     unknown = [k for k in weights if k not in expected]
     if unknown:

@@ -269,25 +269,6 @@ def test_group_size_that_does_not_divide_a_layer(hf_checkpoints, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.fixture
-def immutable(tmp_path):
-    """A folder nobody (root included) can write into."""
-    folder = tmp_path / "locked"
-    folder.mkdir()
-    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
-        pytest.skip("chattr +i is not available here")
-    yield folder
-    subprocess.run(["chattr", "-i", str(folder)])
-
-
-def test_unwritable_output_fails_before_reading(hf_checkpoints, tmp_path, immutable):
-    (tmp_path / "file").write_text("")
-    for output, words in ((tmp_path / "file" / "o", ["is a file"]), (immutable / "o", ["not writable"])):
-        result = cli("--hf", str(hf_checkpoints["llama"]), "-o", str(output))
-        assert_one_line_error(result, str(output), *words)
-        assert "reading" not in result.stderr
-
-
 def test_full_disk(hf_checkpoints, tmp_path, monkeypatch):
     import importlib
     import shutil
