@@ -26,10 +26,14 @@ TARGETS = {
 }
 
 
-def lora_config(model, rank=8, scale=1.0, dropout=0.0, targets=("q", "k", "v")):
+def check_targets(targets):
     unknown = set(targets) - set(TARGETS)
     if unknown:
-        raise UserError(f"unknown LoRA targets {sorted(unknown)}: choose from {', '.join(TARGETS)}")
+        raise UserError(f"unknown LoRA targets {sorted(unknown)}: choose from {', '.join(TARGETS)}, e.g. --lora-targets q,k,v")
+
+
+def lora_config(model, rank=8, scale=1.0, dropout=0.0, targets=("q", "k", "v")):
+    check_targets(targets)
     keys = [key for t in targets for key in TARGETS[t]]
     return {
         "fine_tune_type": "lora",
