@@ -111,6 +111,14 @@ def build_model(config, weights):
     return model
 
 
+def materialize(model):
+    """Compute the output one layer at a time: each layer's source tensors are read, cast or
+    quantized, and freed before the next layer's are read (saving all at once reads them all)."""
+    for layer in model.layers:
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
+
+
 def write_model(output, model, config, tokenizer, force=False, source_folder=None):
     """An MLX model folder (weights, config, tokenizer, model_file), complete or not at all."""
     output = Path(output).resolve()  # `-o .` has no name to put a temporary folder beside
@@ -166,6 +174,7 @@ def convert(
         log(f"quantizing to {q_bits} bits, group size {q_group_size}")
         model, config = quantize_model(model, config, q_group_size, q_bits)
     log(f"writing {output}")
+    materialize(model)
     write_model(output, model, config, tokenizer, force, folder)
     log(f"done in {time.perf_counter() - start:.1f}s: {output}")
     return Path(output)

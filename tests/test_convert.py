@@ -1,8 +1,10 @@
 """Conversion of HF and GGUF checkpoints, checked against mlx-lm's own models."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -314,3 +316,38 @@ def test_bad_method_options(hf_checkpoints, tmp_path, method, option, words):
     result = cli("--hf", str(hf_checkpoints["llama"]), "--method", method, "--method-option", option, "-o", str(tmp_path / "o"))
     assert_one_line_error(result, *words)
     assert not (tmp_path / "o").exists()
+
+
+PEAK_MEMORY = """
+import json, sys
+import mlx_linear
+import mlx_lm.utils, transformers  # noqa: F401  (imported before measuring)
+from mlx_linear.convert import convert
+
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
+start = status("VmRSS")
+convert(sys.argv[2], hf_source=sys.argv[1], quantize=True, log=lambda m: None)
+print(json.dumps({"growth": status("VmHWM") - start}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures resident memory through Linux's /proc")
+def test_conversion_peak_memory_is_well_under_the_source_size(tmp_path):
+    """A bf16 sharded checkpoint of 285 MB converts to 4 bits (80 MB) without holding the source."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from convert_memory import LLAMA_1B, write_checkpoint
+
+    shape = {**LLAMA_1B, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 8, "vocab_size": 16384,
+             "num_attention_heads": 16}
+    source_bytes = write_checkpoint(tmp_path / "source", shape, shard_bytes=2**27, tokenizer=tiny_tokenizer())
+    assert len(list((tmp_path / "source").glob("model-*.safetensors"))) == 3
+    script = tmp_path / "peak.py"
+    script.write_text(PEAK_MEMORY)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "source"), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    growth = json.loads(result.stdout.splitlines()[-1])["growth"]
+    assert growth < 0.7 * source_bytes, (growth, source_bytes)
