@@ -123,6 +123,7 @@ def write_model(output, model, config, tokenizer, force=False, source_folder=Non
     """An MLX model folder (weights, config, tokenizer, model_file), complete or not at all."""
     output = Path(output).resolve()  # `-o .` has no name to put a temporary folder beside
     check_free_space(output, sum(w.nbytes for _, w in tree_flatten(model.parameters())))
+    materialize(model)
     try:
         with atomic_output(output, force) as tmp:
             save_model(tmp, model, donate_model=True)
@@ -174,7 +175,6 @@ def convert(
         log(f"quantizing to {q_bits} bits, group size {q_group_size}")
         model, config = quantize_model(model, config, q_group_size, q_bits)
     log(f"writing {output}")
-    materialize(model)
     write_model(output, model, config, tokenizer, force, folder)
     log(f"done in {time.perf_counter() - start:.1f}s: {output}")
     return Path(output)
