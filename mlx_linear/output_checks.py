@@ -38,10 +38,10 @@ def check_free_space(path: Path, nbytes: int, what="-o"):
         )
 
 
-def disk_full_error(path, error: OSError, what="-o") -> UserError:
+def disk_full_error(path, error: OSError, fix="free some space or choose another -o") -> UserError:
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return UserError(f"the disk filled up while writing {path} (nothing was kept): free some space or choose another {what}")
-    return UserError(f"cannot write {path} ({error.strerror}): choose another {what}")
+        return UserError(f"the disk filled up while writing {path}: {fix}")
+    return UserError(f"cannot write {path} ({error.strerror}): {fix}")
 
 
 MARK = "mlx_linear_version"  # in the config.json of every folder convert and fuse write

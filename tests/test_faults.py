@@ -142,3 +142,18 @@ def test_importing_mlx_first_warns_about_the_lost_blas(monkeypatch, capsys):
     assert warning.count("\n") == 1 and "import mlx_linear first" in warning and "LD_PRELOAD=libm.so.6" in warning
     monkeypatch.setattr(_blas, "CANDIDATES", ("libnot-a-blas.so",))
     assert _blas.use_system_blas() is None and capsys.readouterr().err == ""  # no OpenBLAS: nothing to lose
+
+
+def test_full_disk_at_the_end_of_eval_keeps_the_table(liger, tmp_path, monkeypatch):
+    (tmp_path / "data" / "wikitext2").mkdir(parents=True)
+    (tmp_path / "data" / "wikitext2" / "wiki.test.raw.lf.txt").write_text(" = T = \n the thin cat sat in the house . \n" * 4)
+
+    def full(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("mlx_linear.eval.cli.write_json", full)
+    result = invoke("eval", "--model", liger, "--tasks", "wikitext2", "--data-dir", tmp_path / "data", "--window", 16,
+                    "--limit", 1, "-o", tmp_path / "r.json")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: the disk filled up while writing")
+    assert "| wikitext2 | ppl |" in result.stdout  # the results were printed before the write failed

@@ -408,3 +408,20 @@ def test_untrainable_input_leaves_nothing(no_template, tmp_path, records, words)
         assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
         assert all(word in result.output for word in words), result.output
         assert not (tmp_path / "o").exists()
+
+
+def test_full_disk_while_training_keeps_what_was_saved(data, tiny_liger, tmp_path, monkeypatch):
+    real_save = trainer_module.save_safetensors
+    saves = []
+
+    def fill_up_on_the_third_save(path, arrays):
+        saves.append(path)
+        if len(saves) == 3:
+            raise OSError(28, "No space left on device")
+        real_save(path, arrays)
+
+    monkeypatch.setattr(trainer_module, "save_safetensors", fill_up_on_the_third_save)
+    with pytest.raises(UserError, match="the disk filled up while writing .*--resume"):
+        run_train(tiny_liger, [load_source(data["text"])], tmp_path / "f", small_config(iters=4, val_every=2))
+    state = json.loads((tmp_path / "f" / "state.json").read_text())  # the checkpoint of update 2 is intact
+    assert state["update"] == 2 and (tmp_path / "f" / "last.safetensors").is_file()

@@ -22,6 +22,7 @@ from mlx_lm.tuner.trainer import grad_checkpoint
 from ..adapters import (ADAPTER_FILE, adapter_weights, apply_lora, check_targets, load_adapter_weights, lora_config,
                         read_adapter_config, save_adapter)
 from ..errors import Interrupted, UserError
+from ..output_checks import disk_full_error
 from ..progress import Progress
 from ..utils import save_safetensors, write_json
 from .data import Packer, sequences
@@ -301,10 +302,12 @@ def train(model, tokenizer, sources, config: TrainConfig, output, resume=False, 
         return run_training(model, tokenizer, sources, val_sets, config, output, resume, world, log)
     except (NonFiniteLoss, KeyboardInterrupt):
         raise  # they saved a resumable run
-    except Exception:
+    except Exception as e:
         # A run that never trained leaves nothing behind: a rerun would refuse the folder.
         if fresh and world.rank() == 0 and never_trained(Path(output)):
             shutil.rmtree(output, ignore_errors=True)
+        if isinstance(e, OSError):  # files are replaced whole, so what was saved before is intact
+            raise disk_full_error(output, e, "free some space, then run again (with --resume once it has trained)") from None
         raise
 
 
