@@ -62,8 +62,8 @@ def check_replaceable(path: Path, force: bool, sources=()):
         return
     if not force:
         raise UserError(f"{path} already exists: pass --force to replace it, or choose another -o")
-    for source in sources:
-        if source is not None and path in (Path(source).resolve(), *Path(source).resolve().parents):
+    for source in sources:  # a hub id names no local path
+        if source is not None and Path(source).exists() and path in (Path(source).resolve(), *Path(source).resolve().parents):
             raise UserError(f"-o {path} would replace the source {source}: choose another -o")
     if path.is_dir() and (not any(path.iterdir()) or is_earlier_output(path)):
         return

@@ -189,6 +189,9 @@ def test_corrupt_gguf(tmp_path, hf_checkpoints):
 
 def test_offline_hub_id(tmp_path):
     assert_one_line_error(cli("--hf", "mistralai/Mistral-7B-v0.1", "-o", str(tmp_path / "o")), "offline")
+    here = subprocess.run([sys.executable, "-m", "mlx_linear", "convert", "--hf", "mistralai/Mistral-7B-v0.1", "-o", ".",
+                           "--force"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(here, "cannot download")  # a hub id is no local source that -o could replace
 
 
 def test_existing_output_needs_force(hf_checkpoints, tmp_path):
