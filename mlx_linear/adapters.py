@@ -7,7 +7,6 @@ save along with the LoRA weights.
 import json
 from pathlib import Path
 
-import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers

@@ -14,27 +14,27 @@ def existing_ancestor(path: Path) -> Path:
     return next(p for p in (path, *path.parents) if p.exists())
 
 
-def check_writable(path, what="-o") -> Path:
+def check_writable(path) -> Path:
     """The absolute `path`, once a file can be created where it (or its temporary twin) goes."""
     path = Path(path).expanduser().resolve()
     where = existing_ancestor(path if path.is_dir() else path.parent)
     if not where.is_dir():
-        raise UserError(f"cannot write {path}: {where} is a file, not a folder: choose another {what}")
+        raise UserError(f"cannot write {path}: {where} is a file, not a folder: choose another -o")
     try:
         with tempfile.TemporaryFile(dir=where):
             pass
     except OSError as e:
-        raise UserError(f"cannot write {path}: {where} is not writable ({e.strerror}): choose another {what}") from None
+        raise UserError(f"cannot write {path}: {where} is not writable ({e.strerror}): choose another -o") from None
     return path
 
 
-def check_free_space(path: Path, nbytes: int, what="-o"):
+def check_free_space(path: Path, nbytes: int):
     """Refuse before writing `nbytes` where fewer are free (the disk would fill part-way)."""
     free = shutil.disk_usage(existing_ancestor(Path(path).parent)).free
     if nbytes > free:
         raise UserError(
             f"cannot write {path}: it needs {nbytes / 1e9:.2f} GB and the disk has {free / 1e9:.2f} GB free: "
-            f"free some space or choose another {what}"
+            "free some space or choose another -o"
         )
 
 
