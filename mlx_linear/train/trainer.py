@@ -65,8 +65,9 @@ class TrainConfig:
     def __post_init__(self):
         """Values that would train nonsense are refused before any work."""
         check_targets(self.lora_targets)
-        for flag, value, positive in (("--learning-rate", self.learning_rate, True), ("--method-lr", self.method_lr, True),
-                                      ("--weight-decay", self.weight_decay, False), ("--lora-alpha (over --lora-rank)", self.lora_scale, True)):
+        rates = (("--learning-rate", self.learning_rate, True), ("--method-lr", self.method_lr, True),
+                 ("--weight-decay", self.weight_decay, False), ("--lora-alpha (over --lora-rank)", self.lora_scale, True))
+        for flag, value, positive in rates:
             if value is not None and (value < 0 or (positive and value == 0) or not math.isfinite(value)):
                 raise UserError(f"{flag} {value:g}: give a {'positive' if positive else 'non-negative'} number")
 
