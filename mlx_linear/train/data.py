@@ -44,6 +44,19 @@ def read_records(path: Path) -> list:
     return records
 
 
+def record_format(path, records) -> str:
+    for name, keys in FORMATS.items():
+        if all(k in records[0] for k in keys):
+            for number, record in enumerate(records, 1):
+                if not all(k in record for k in keys):
+                    raise UserError(f"{path}: record {number} lacks {'/'.join(keys)} (the first record has them)")
+                problem = record_problem(name, record)
+                if problem:
+                    raise UserError(f"{path}: record {number}: {problem}: fix or remove that record")
+            return name
+    raise UserError(f"{path}: records need 'text', 'messages' or 'prompt'+'completion' keys, as mlx-lm's formats")
+
+
 def record_problem(kind, record):
     """What makes a record untrainable (mlx-lm would crash on it or learn nothing), or None."""
     if kind == "chat":
@@ -61,19 +74,6 @@ def record_problem(kind, record):
     if not record[FORMATS[kind][-1]].strip():
         return f"{FORMATS[kind][-1]!r} is empty"
     return None
-
-
-def record_format(path, records) -> str:
-    for name, keys in FORMATS.items():
-        if all(k in records[0] for k in keys):
-            for number, record in enumerate(records, 1):
-                if not all(k in record for k in keys):
-                    raise UserError(f"{path}: record {number} lacks {'/'.join(keys)} (the first record has them)")
-                problem = record_problem(name, record)
-                if problem:
-                    raise UserError(f"{path}: record {number}: {problem}: fix or remove that record")
-            return name
-    raise UserError(f"{path}: records need 'text', 'messages' or 'prompt'+'completion' keys, as mlx-lm's formats")
 
 
 @dataclass
