@@ -117,7 +117,10 @@ def run_command(session, line):
         session.reset()
         click.echo("(new conversation)")
     elif name == "/save":
-        path = session.save(arg)
+        try:
+            path = session.save(arg)
+        except OSError as e:
+            raise UserError(f"cannot write {arg} ({e.strerror}): /save into a writable folder with free space") from None
         click.echo(f"saved {session.num_tokens} tokens of conversation to {path} ({path.stat().st_size:,} bytes)")
     elif name == "/load":
         path = session.load(arg)
@@ -169,6 +172,8 @@ def chat_loop(session, max_tokens, sampling):
                 respond(session, text, max_tokens, sampling)
         except UserError as e:
             click.echo(f"Error: {e}")
+        except Exception as e:  # noqa: BLE001  (whatever fails, the conversation is kept)
+            click.echo(f"Error: {text.split()[0][:40]} failed ({type(e).__name__}: {e}); the conversation is kept")
 
 
 @click.command()

@@ -10,9 +10,11 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.utils import quantize_model, save_config, save_model
 
+from mlx_linear import __version__
 from mlx_linear.errors import UserError
 from mlx_linear.methods import METHODS
 from mlx_linear.model import Linearization, base_architecture
+from mlx_linear.output_checks import MARK, check_free_space, disk_full_error, prepare_model_output
 from mlx_linear.utils import atomic_output, get_model_classes
 
 from . import hf
@@ -26,15 +28,39 @@ from mlx_linear.model import Model, ModelArgs  # noqa: F401
 '''
 
 
-def read_source(hf_source=None, gguf=None):
+def read_source(hf_source=None, gguf=None, log=print):
     """(config, weights, tokenizer, dtype, source folder or None)."""
     if hf_source and gguf:
         raise UserError("pass either --hf or --gguf, not both")
     if hf_source:
         folder = hf.resolve(hf_source)
-        return (*hf.read_hf(folder), folder)
+        config, weights, tokenizer, dtype = hf.read_hf(folder)
+        return (*base_of_converted(folder, config, weights, log), tokenizer, dtype, folder)
     config, weights, tokenizer = read_gguf(gguf or bundled_gguf())
     return config, weights, tokenizer, mx.float16, None
+
+
+def base_of_converted(folder, config, weights, log):
+    """A folder this tool converted holds the original's weights: strip its linearization (and
+    its method's own parameters) so the conversion asked for starts from the original."""
+    if "quantization" in config:
+        raise UserError(f"{folder} is quantized: convert the original (unquantized) checkpoint instead")
+    if not config.pop("linearization", None):
+        return config, weights
+    config.pop("model_file", None)
+    log(f"{folder} was converted before: starting again from its original weights (method parameters dropped)")
+    return config, {k: w for k, w in weights.items() if ".method." not in k}
+
+
+def check_group_size(model, group_size):
+    """mlx-lm leaves a layer whose input width the group size does not divide in float, silently."""
+    wanted = getattr(model, "quant_predicate", lambda path, module: True)
+    for path, module in model.named_modules():
+        if hasattr(module, "to_quantized") and wanted(path, module) and module.weight.shape[-1] % group_size:
+            raise UserError(
+                f"--q-group-size {group_size} does not divide the input width {module.weight.shape[-1]} of {path}: "
+                "choose a group size that divides it (32 or 64)"
+            )
 
 
 def is_number(value):
@@ -85,17 +111,31 @@ def build_model(config, weights):
     return model
 
 
+def materialize(model):
+    """Compute the output one layer at a time: each layer's source tensors are read, cast or
+    quantized, and freed before the next layer's are read (saving all at once reads them all)."""
+    for layer in model.layers:
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
+
+
 def write_model(output, model, config, tokenizer, force=False, source_folder=None):
     """An MLX model folder (weights, config, tokenizer, model_file), complete or not at all."""
-    with atomic_output(output, force) as tmp:
-        save_model(tmp, model, donate_model=True)
-        if config.get("linearization"):
-            config["model_file"] = MODEL_FILE
-            (tmp / MODEL_FILE).write_text(MODEL_FILE_SOURCE)
-        save_config(config, tmp / "config.json")
-        tokenizer.save_pretrained(str(tmp))
-        if source_folder is not None and (Path(source_folder) / "generation_config.json").is_file():
-            shutil.copy(Path(source_folder) / "generation_config.json", tmp)
+    output = Path(output).resolve()  # `-o .` has no name to put a temporary folder beside
+    check_free_space(output, sum(w.nbytes for _, w in tree_flatten(model.parameters())))
+    materialize(model)
+    try:
+        with atomic_output(output, force) as tmp:
+            save_model(tmp, model, donate_model=True)
+            if config.get("linearization"):
+                config["model_file"] = MODEL_FILE
+                (tmp / MODEL_FILE).write_text(MODEL_FILE_SOURCE)
+            save_config({**config, MARK: __version__}, tmp / "config.json")
+            tokenizer.save_pretrained(str(tmp))
+            if source_folder is not None and (Path(source_folder) / "generation_config.json").is_file():
+                shutil.copy(Path(source_folder) / "generation_config.json", tmp)
+    except OSError as e:
+        raise disk_full_error(output, e) from None
 
 
 def convert(
@@ -116,19 +156,22 @@ def convert(
 ):
     """Write a converted model to `output`; returns its path. `method="none"` keeps softmax."""
     start = time.perf_counter()
-    if Path(output).exists() and not force:
-        raise UserError(f"{output} already exists: pass --force to replace it, or choose another -o")
+    output = prepare_model_output(output, force, sources=(hf_source, gguf))
     log(f"reading {hf_source or gguf or 'the bundled SmolLM2-135M-Instruct GGUF'}")
-    config, weights, tokenizer, source_dtype, folder = read_source(hf_source, gguf)
+    config, weights, tokenizer, source_dtype, folder = read_source(hf_source, gguf, log)
     if method != "none":
         check_options(method, options or {})
         config["linearization"] = asdict(Linearization(method, window, sinks, full_attention_every, options or {}))
     log(f"building {config['model_type']} ({len(weights)} tensors), method {method}")
     model = build_model(config, weights)
+    # The model holds what it needs: kept here, every source tensor read while writing would
+    # stay in memory to the end (a 7B peaked at 17 GiB instead of 5).
+    del weights
     dtype = dtype or source_dtype
     model.set_dtype(dtype)
     config["torch_dtype"] = str(dtype).split(".")[-1]
     if quantize:
+        check_group_size(model, q_group_size)
         log(f"quantizing to {q_bits} bits, group size {q_group_size}")
         model, config = quantize_model(model, config, q_group_size, q_bits)
     log(f"writing {output}")

@@ -8,6 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_linear.errors import UserError
+from mlx_linear.utils import read_safetensors
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 DOWNLOAD_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
@@ -41,10 +42,7 @@ def read_weights(folder: Path) -> dict:
         raise UserError(f"no model*.safetensors in {folder}{hint}")
     weights = {}
     for f in files:
-        try:
-            weights.update(mx.load(f))
-        except (RuntimeError, ValueError) as e:
-            raise UserError(f"corrupt weights file {f} ({e}): download it again") from e
+        weights.update(read_safetensors(f, "download it again"))
     return weights
 
 

@@ -9,20 +9,25 @@ import os
 import sys
 
 CANDIDATES = ("libopenblas.so.0", "libopenblas.so")
+TOO_LATE = (
+    "mlx-linear: mlx.core was imported before mlx_linear, so MLX's CPU matmul runs without OpenBLAS "
+    "(~35x slower): import mlx_linear first, or run with LD_PRELOAD={} (e.g. for mlx_lm.generate or mlx_lm.server)\n"
+)
 
 
 def use_system_blas() -> str | None:
     """Preload OpenBLAS if present; returns the library loaded, or None."""
     if not sys.platform.startswith("linux") or os.environ.get("MLX_LINEAR_BLAS") == "0":
         return None
-    if "mlx.core" in sys.modules:
-        return None  # too late: MLX already resolved its BLAS symbols
     for name in CANDIDATES:
         try:
             ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
-            return name
         except OSError:
             continue
+        if "mlx.core" in sys.modules:  # too late: MLX already resolved its BLAS symbols
+            sys.stderr.write(TOO_LATE.format(name))
+            return None
+        return name
     return None
 
 

@@ -7,13 +7,12 @@ save along with the LoRA weights.
 import json
 from pathlib import Path
 
-import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .errors import UserError
-from .utils import save_safetensors, write_json
+from .utils import read_safetensors, save_safetensors, write_json
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -26,10 +25,14 @@ TARGETS = {
 }
 
 
-def lora_config(model, rank=8, scale=1.0, dropout=0.0, targets=("q", "k", "v")):
+def check_targets(targets):
     unknown = set(targets) - set(TARGETS)
     if unknown:
-        raise UserError(f"unknown LoRA targets {sorted(unknown)}: choose from {', '.join(TARGETS)}")
+        raise UserError(f"unknown LoRA targets {sorted(unknown)}: choose from {', '.join(TARGETS)}, e.g. --lora-targets q,k,v")
+
+
+def lora_config(model, rank=8, scale=1.0, dropout=0.0, targets=("q", "k", "v")):
+    check_targets(targets)
     keys = [key for t in targets for key in TARGETS[t]]
     return {
         "fine_tune_type": "lora",
@@ -64,7 +67,15 @@ def read_adapter_config(folder) -> dict:
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{folder} is not an adapter folder (no {CONFIG_FILE}): pass the -o of `mlx_linear lora-train`")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+        rank, _, _, keys = (config["lora_parameters"][k] for k in ("rank", "scale", "dropout", "keys"))
+        if not (isinstance(config["num_layers"], int) and isinstance(rank, int) and all(isinstance(k, str) for k in keys)):
+            raise TypeError("num_layers, rank or keys has the wrong type")
+    except (ValueError, KeyError, TypeError) as e:
+        problem = f"lacks {e}" if isinstance(e, KeyError) else f"is malformed ({e})"
+        raise UserError(f"{path} {problem}: restore it from the run that wrote it (lora-train rewrites it)") from None
+    return config
 
 
 def load_adapter(model, folder, name=ADAPTER_FILE):
@@ -78,7 +89,7 @@ def load_adapter_weights(model, folder, name=ADAPTER_FILE):
     path = Path(folder) / name
     if not path.is_file():
         raise UserError(f"{path} is missing: the training run saved no adapter yet")
-    weights = mx.load(str(path))
+    weights = read_safetensors(path, "copy the adapter again, or train it again")
     expected = adapter_weights(model)
     unknown = [k for k in weights if k not in expected]
     if unknown:

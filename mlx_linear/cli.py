@@ -1,6 +1,7 @@
 """The `mlx_linear` command line: a click group whose subcommands load on first use."""
 
 import importlib
+import signal
 import sys
 
 import click
@@ -31,6 +32,7 @@ class Group(click.Group):
         return getattr(importlib.import_module(module), attribute)
 
     def invoke(self, ctx):
+        signal.signal(signal.SIGTERM, terminated)
         try:
             return super().invoke(ctx)
         except UserError as e:
@@ -39,6 +41,11 @@ class Group(click.Group):
             message = str(e) if isinstance(e, Interrupted) else "partial outputs were discarded"
             click.echo(f"\ninterrupted: {message}", err=True)
             sys.exit(130)
+
+
+def terminated(signum, frame):
+    """SIGTERM (kill, a closing session) cleans up as Ctrl-C does: no partial output is left."""
+    raise KeyboardInterrupt
 
 
 def log(message):

@@ -153,3 +153,27 @@ class Model(nn.Module):
             else KVCache()
             for layer, linear in zip(self.layers, self.linear_layers)
         ]
+
+
+def load_adapters_in_mlx_lm():
+    """mlx-lm's adapter loading accepts only LoRA leaves (lora_a, lora_b, m); a linearized
+    model's adapter also carries its method's parameters, so mlx-lm (`generate --adapter-path`,
+    `server`) loads those models' adapters the way mlx-linear does."""
+    import mlx_lm.utils
+
+    stock = mlx_lm.utils.load_adapters
+    if getattr(stock, "loads_linearized", False):
+        return
+
+    def load_adapters(model, adapter_path):
+        if not isinstance(model, Model):
+            return stock(model, adapter_path)
+        from .adapters import load_adapter
+
+        return load_adapter(model, adapter_path)
+
+    load_adapters.loads_linearized = True
+    mlx_lm.utils.load_adapters = load_adapters
+
+
+load_adapters_in_mlx_lm()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import load_model, load_tokenizer
 
 from .errors import UserError
@@ -45,6 +45,36 @@ def read_config(path: Path) -> dict:
         raise UserError(f"{config_file} is not valid JSON ({e}): convert the model again") from e
 
 
+def read_safetensors(path, fix) -> dict:
+    """mx.load of a safetensors file; a damaged one is a one-line error naming it and `fix`."""
+    try:
+        return mx.load(str(path))
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"corrupt weights file {path} ({e}): {fix}") from e
+
+
+def available_memory() -> int:
+    """Bytes the system can still give (MemAvailable on Linux, else the physical memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits_in_memory(path, model, config, dtype):
+    """Refuse, before reading a byte, a model that in `dtype` would swap or be killed."""
+    def size(x):
+        return x.size * dtype.size if dtype is not None and mx.issubdtype(x.dtype, mx.floating) else x.nbytes
+
+    needed = sum(size(x) for _, x in tree_flatten(model.parameters()))
+    free = available_memory()
+    if needed > free:
+        fix = "a smaller model" if "quantization" in config else "convert it with --quantize (4-bit, ~1/7 the size)"
+        raise UserError(f"{path} needs {needed / 1e9:.1f} GB as {str(dtype or 'stored').split('.')[-1]} and this machine "
+                        f"has {free / 1e9:.1f} GB available: use {fix}")
+
+
 def load(path, adapter_path=None, dtype="auto", lazy=False):
     """(model, tokenizer) for a folder written by `mlx_linear convert` (any method)."""
     path = Path(path)
@@ -54,11 +84,16 @@ def load(path, adapter_path=None, dtype="auto", lazy=False):
         model, config = load_model(path, lazy=True, model_config={"model_file": None}, get_model_classes=get_model_classes)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise UserError(f"cannot load {path}: {e}") from e
+    except RuntimeError as e:  # a damaged weights file: say which
+        for weights_file in sorted(path.glob("*.safetensors")):
+            read_safetensors(weights_file, "convert the model again")
+        raise UserError(f"cannot load {path}: {e}") from e
     if adapter_path is not None:
         from .adapters import load_adapter
 
         load_adapter(model, adapter_path)
     dtype = compute_dtype() if dtype == "auto" else dtype
+    check_fits_in_memory(path, model, config, dtype)
     if dtype is not None:
         cast_floats(model, dtype)
     if not lazy:

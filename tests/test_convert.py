@@ -1,8 +1,10 @@
 """Conversion of HF and GGUF checkpoints, checked against mlx-lm's own models."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import pytest
@@ -187,17 +189,112 @@ def test_corrupt_gguf(tmp_path, hf_checkpoints):
 
 def test_offline_hub_id(tmp_path):
     assert_one_line_error(cli("--hf", "mistralai/Mistral-7B-v0.1", "-o", str(tmp_path / "o")), "offline")
+    here = subprocess.run([sys.executable, "-m", "mlx_linear", "convert", "--hf", "mistralai/Mistral-7B-v0.1", "-o", ".",
+                           "--force"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(here, "cannot download")  # a hub id is no local source that -o could replace
 
 
 def test_existing_output_needs_force(hf_checkpoints, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
-    (out / "keep.txt").write_text("mine")
     assert_one_line_error(cli("--hf", str(hf_checkpoints["llama"]), "-o", str(out)), "--force")
-    assert (out / "keep.txt").read_text() == "mine"
-    result = cli("--hf", str(hf_checkpoints["llama"]), "-o", str(out), "--force")
+    result = cli("--hf", str(hf_checkpoints["llama"]), "-o", str(out), "--force")  # an empty folder
     assert result.returncode == 0, result.stderr
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    result = cli("--hf", str(hf_checkpoints["llama"]), "--method", "none", "-o", str(out), "--force")  # an earlier output
+    assert result.returncode == 0, result.stderr
+    assert "linearization" not in json.loads((out / "config.json").read_text())
+
+
+def test_force_never_replaces_other_files(hf_checkpoints, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("mine")
+    (precious / "config.json").write_text('{"model_type": "llama"}')  # not this tool's
+    assert_one_line_error(cli("--hf", str(hf_checkpoints["llama"]), "-o", str(precious), "--force"), "not a converted model")
+    assert (precious / "thesis.txt").read_text() == "mine"
+    source = hf_checkpoints["llama"]
+    assert_one_line_error(cli("--hf", str(source), "-o", str(source.parent), "--force"), "source")
+    assert (source / "model.safetensors").is_file()
+    assert list(tmp_path.glob(".*")) == []
+
+
+def test_output_dot_and_stale_partials(hf_checkpoints, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / ".work.killed.partial").mkdir()  # left by a SIGKILLed run
+    result = subprocess.run([sys.executable, "-m", "mlx_linear", "convert", "--hf", str(hf_checkpoints["llama"]),
+                             "-o", ".", "--force"], cwd=work, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (work / "config.json").is_file() and [p.name for p in tmp_path.iterdir()] == ["work"]
+
+
+SLOW_WRITE = """
+import importlib, sys, time
+convert = importlib.import_module("mlx_linear.convert.convert")
+def save_model(folder, model, **kwargs):
+    (folder / "model.safetensors").write_bytes(b"half")
+    print("writing", flush=True)
+    time.sleep(120)
+convert.save_model = save_model
+from mlx_linear.cli import main
+sys.argv = ["mlx_linear", "convert", *sys.argv[1:]]
+main()
+"""
+
+
+def test_sigterm_while_writing_leaves_nothing(hf_checkpoints, tmp_path):
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_WRITE)
+    child = subprocess.Popen([sys.executable, str(script), "--hf", str(hf_checkpoints["llama"]), "-o", str(tmp_path / "o")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "writing\n"
+    assert list(tmp_path.glob(".o.*.partial"))
+    child.terminate()
+    assert child.wait(timeout=60) != 0
+    assert "Traceback" not in child.stderr.read()
+    assert not (tmp_path / "o").exists() and list(tmp_path.glob(".o*")) == []
+
+
+def test_converting_a_converted_folder_starts_from_the_original(hf_checkpoints, tmp_path):
+    source = str(hf_checkpoints["llama"])
+    liger = quiet(tmp_path / "liger", hf_source=source, window=8, options={"learned_mix": True})
+    again = quiet(tmp_path / "again", hf_source=str(liger), window=16)
+    assert json.loads((again / "config.json").read_text())["linearization"]["window"] == 16
+    none = quiet(tmp_path / "none", hf_source=str(liger), method="none")
+    assert "linearization" not in json.loads((none / "config.json").read_text())
+    reference, _ = load_model(hf_checkpoints["llama"])
+    assert mx.allclose(mlx_linear.load(none)[0](TOKENS), reference(TOKENS), atol=1e-5).item()
+    quantized = quiet(tmp_path / "q", hf_source=source, quantize=True, q_group_size=32)
+    assert_one_line_error(cli("--hf", str(quantized), "-o", str(tmp_path / "o")), "quantized", "original")
+
+
+def test_group_size_that_does_not_divide_a_layer(hf_checkpoints, tmp_path):
+    result = cli("--hf", str(hf_checkpoints["llama"]), "--quantize", "--q-group-size", "128", "-o", str(tmp_path / "o"))
+    assert_one_line_error(result, "--q-group-size 128", "64")
+    assert not (tmp_path / "o").exists()
+
+
+def test_full_disk(hf_checkpoints, tmp_path, monkeypatch):
+    import importlib
+    import shutil
+    from collections import namedtuple
+
+    convert_module = importlib.import_module("mlx_linear.convert.convert")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(UserError, match="GB free"):
+        quiet(tmp_path / "o", hf_source=str(hf_checkpoints["llama"]))
+    monkeypatch.undo()
+
+    def fill_up(folder, *args, **kwargs):
+        (folder / "model.safetensors").write_bytes(b"part")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert_module, "save_model", fill_up)
+    with pytest.raises(UserError, match="disk filled up"):
+        quiet(tmp_path / "o", hf_source=str(hf_checkpoints["llama"]))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_mismatched_weights_are_a_user_error(tmp_path):
@@ -222,3 +319,38 @@ def test_bad_method_options(hf_checkpoints, tmp_path, method, option, words):
     result = cli("--hf", str(hf_checkpoints["llama"]), "--method", method, "--method-option", option, "-o", str(tmp_path / "o"))
     assert_one_line_error(result, *words)
     assert not (tmp_path / "o").exists()
+
+
+PEAK_MEMORY = """
+import json, sys
+import mlx_linear
+import mlx_lm.utils, transformers  # noqa: F401  (imported before measuring)
+from mlx_linear.convert import convert
+
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
+start = status("VmRSS")
+convert(sys.argv[2], hf_source=sys.argv[1], quantize=True, log=lambda m: None)
+print(json.dumps({"growth": status("VmHWM") - start}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures resident memory through Linux's /proc")
+def test_conversion_peak_memory_is_well_under_the_source_size(tmp_path):
+    """A bf16 sharded checkpoint of 285 MB converts to 4 bits (80 MB) without holding the source."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from convert_memory import LLAMA_1B, write_checkpoint
+
+    shape = {**LLAMA_1B, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 8, "vocab_size": 16384,
+             "num_attention_heads": 16}
+    source_bytes = write_checkpoint(tmp_path / "source", shape, shard_bytes=2**27, tokenizer=tiny_tokenizer())
+    assert len(list((tmp_path / "source").glob("model-*.safetensors"))) == 3
+    script = tmp_path / "peak.py"
+    script.write_text(PEAK_MEMORY)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "source"), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    growth = json.loads(result.stdout.splitlines()[-1])["growth"]
+    assert growth < 0.7 * source_bytes, (growth, source_bytes)

@@ -7,6 +7,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_map
 
 import mlx_linear
 from mlx_linear.convert import convert
@@ -313,3 +314,114 @@ def test_gradient_checkpointing_changes_nothing(data, tiny_liger, tmp_path, monk
     _, plain = run_train(tiny_liger, sources, tmp_path / "plain", small_config(iters=2))
     _, checkpointed = run_train(tiny_liger, sources, tmp_path / "ckpt", small_config(iters=2, grad_checkpoint=True))
     assert all(mx.allclose(plain[k], checkpointed[k], atol=1e-5).item() for k in plain)
+
+
+# Data that cannot train, and settings that would train nonsense: one line, no folder left
+
+
+def chat_record(user_words, reply="a mat"):
+    return {"messages": [{"role": "user", "content": " ".join(WORDS[:user_words])}, {"role": "assistant", "content": reply}]}
+
+
+def no_nan(text):
+    return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in state.json"))
+
+
+def test_updates_without_trainable_tokens_are_skipped(tiny_liger, tmp_path):
+    """Chat prompts longer than --seq-len leave no reply to train on: such updates are skipped."""
+    folder = tmp_path / "chat"
+    folder.mkdir()
+    # 30 and 72 tokens: the reply of the long ones is past the 41 tokens of a sequence
+    write_jsonl(folder / "train.jsonl", [chat_record(2), chat_record(14), chat_record(14), chat_record(14)])
+    write_jsonl(folder / "valid.jsonl", [chat_record(2)])
+    config = small_config(seq_len=40, batch_size=1, grad_accumulation=1, iters=6, val_every=3)
+    state, weights = run_train(tiny_liger, [load_source(folder)], tmp_path / "o", config)
+    assert state["update"] == 6 and state["skipped_updates"] > 0
+    assert all(mx.isfinite(w).all().item() for w in weights.values())
+    saved = no_nan((tmp_path / "o" / "state.json").read_text())
+    losses = [e["loss"] for e in saved["log"] if "loss" in e]
+    assert len(losses) == 6 and all(0 < loss < 100 for loss in losses) and saved["best_val"] > 0
+
+    write_jsonl(folder / "valid.jsonl", [chat_record(14)])
+    with pytest.raises(UserError, match="no trainable token within --seq-len 40"):
+        run_train(tiny_liger, [load_source(folder)], tmp_path / "v", config)
+    write_jsonl(folder / "train.jsonl", [chat_record(14)] * 3)
+    write_jsonl(folder / "valid.jsonl", [chat_record(2)])
+    with pytest.raises(UserError, match="updates in a row had no trainable token"):
+        run_train(tiny_liger, [load_source(folder)], tmp_path / "e", config)
+    assert not (tmp_path / "v").exists() and not (tmp_path / "e").exists()
+
+
+def test_non_finite_gradients_stop_the_run(data, tiny_liger, tmp_path, monkeypatch):
+    real_micro_step = trainer_module.Trainer.micro_step
+
+    def infinite_gradients(self, *batch):
+        values, grads = real_micro_step(self, *batch)
+        return values, tree_map(lambda g: g * np.inf, grads)
+
+    monkeypatch.setattr(trainer_module.Trainer, "micro_step", infinite_gradients)
+    with pytest.raises(UserError, match="gradients became infinite or NaN at update 1"):
+        run_train(tiny_liger, [load_source(data["text"])], tmp_path / "g", small_config(iters=1))
+    saved = mx.load(str(tmp_path / "g" / "last.safetensors"))
+    assert all(mx.isfinite(w).all().item() for w in saved.values())
+
+
+@pytest.fixture(scope="module")
+def no_template(tiny_liger, tmp_path_factory):
+    import shutil
+
+    folder = shutil.copytree(tiny_liger, tmp_path_factory.mktemp("plain") / "m")
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def in_process(*args):
+    from click.testing import CliRunner
+
+    from mlx_linear.cli import cli as group
+
+    return CliRunner().invoke(group, list(map(str, args)))
+
+
+@pytest.mark.parametrize("records,words", [
+    ([{"text": 5}] * 3, ["record 1", "'text' must be a string"]),
+    ([{"text": ""}] * 10, ["record 1", "'text' is empty"]),
+    ([{"messages": "hello"}] * 3, ["record 1", "'messages' must be a list"]),
+    ([{"messages": [{"role": "user", "content": "hi"}]}] * 3, ["record 1", "no assistant message"]),
+    ([chat_record(2)] * 3, ["chat template"]),
+    ([{"text": "fine"}] * 3, ["unknown LoRA targets ['x']"], ),
+    ([{"text": "fine"}] * 3, ["--learning-rate -1", "positive"]),
+    ([{"text": "fine"}] * 3, ["--weight-decay -5", "non-negative"]),
+    ([{"text": "fine"}] * 3, ["--lora-alpha", "-1", "positive"]),
+])
+def test_untrainable_input_leaves_nothing(no_template, tmp_path, records, words):
+    flags = {"x']": ["--lora-targets", "q,x"], "--learning-rate -1": ["--learning-rate", "-1"],
+             "--weight-decay -5": ["--weight-decay", "-5"], "--lora-alpha": ["--lora-alpha", "-8"]}
+    extra = next((v for k, v in flags.items() if k in words[0]), [])
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    args = ["lora-train", "--model", no_template, "--data", data, "--iters", 1, "--seq-len", 16, "-o", tmp_path / "o", *extra]
+    for _ in range(2):  # and again: the first attempt left nothing that the rerun refuses
+        result = in_process(*args)
+        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+        assert all(word in result.output for word in words), result.output
+        assert not (tmp_path / "o").exists()
+
+
+def test_full_disk_while_training_keeps_what_was_saved(data, tiny_liger, tmp_path, monkeypatch):
+    real_save = trainer_module.save_safetensors
+    saves = []
+
+    def fill_up_on_the_third_save(path, arrays):
+        saves.append(path)
+        if len(saves) == 3:
+            raise OSError(28, "No space left on device")
+        real_save(path, arrays)
+
+    monkeypatch.setattr(trainer_module, "save_safetensors", fill_up_on_the_third_save)
+    with pytest.raises(UserError, match="the disk filled up while writing .*--resume"):
+        run_train(tiny_liger, [load_source(data["text"])], tmp_path / "f", small_config(iters=4, val_every=2))
+    state = json.loads((tmp_path / "f" / "state.json").read_text())  # the checkpoint of update 2 is intact
+    assert state["update"] == 2 and (tmp_path / "f" / "last.safetensors").is_file()

@@ -66,9 +66,12 @@ def run(label, folder, adapter, options, verbose, use_state=True):
 def eval_command(model_path, baseline, adapter, baseline_adapter, tasks, limit, data_dir, window, stride, scoring,
                  no_state, output, verbose):
     """Zero-shot tasks and perplexity, scored like lm-evaluation-harness; with --baseline, side by side."""
+    from ..output_checks import check_writable, disk_full_error
     from .report import RECOVERY_NOTE, STATE_NOTE, compare, markdown_table, state_share, state_table
     from .runner import resolve_tasks
 
+    if output:
+        check_writable(output)  # before the run, not after it
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise UserError(f"--tasks is empty: name one or more of {', '.join(DEFAULT_TASKS)}, comma-separated")
@@ -108,5 +111,8 @@ def eval_command(model_path, baseline, adapter, baseline_adapter, tasks, limit, 
             k: {t: {"seconds": r.seconds, "tokens": r.tokens} for t, r in v.items()} for k, v in results.items()
         }
         data["timing"]["total_seconds"] = time.perf_counter() - start
-        write_json(output, data)
+        try:
+            write_json(output, data)
+        except OSError as e:  # the table above still holds the results
+            raise disk_full_error(output, e) from None
         log(f"wrote {output}")

@@ -44,6 +44,9 @@ def parse_weights(data, weights):
 def lora_train(model, data, data_weights, output, **options):
     """Uptrain a converted model with LoRA (Liger's recipe by default)."""
     from .. import load
+    from ..output_checks import check_writable
+
+    check_writable(output)
     from .data import load_source
     from .trainer import TrainConfig, train
 

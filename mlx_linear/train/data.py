@@ -50,8 +50,30 @@ def record_format(path, records) -> str:
             for number, record in enumerate(records, 1):
                 if not all(k in record for k in keys):
                     raise UserError(f"{path}: record {number} lacks {'/'.join(keys)} (the first record has them)")
+                problem = record_problem(name, record)
+                if problem:
+                    raise UserError(f"{path}: record {number}: {problem}: fix or remove that record")
             return name
     raise UserError(f"{path}: records need 'text', 'messages' or 'prompt'+'completion' keys, as mlx-lm's formats")
+
+
+def record_problem(kind, record):
+    """What makes a record untrainable (mlx-lm would crash on it or learn nothing), or None."""
+    if kind == "chat":
+        messages = record["messages"]
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+        ):
+            return "'messages' must be a list of {\"role\": ..., \"content\": ...} objects with text content"
+        if not any(m["role"] == "assistant" for m in messages):
+            return "has no assistant message (chat data trains on the replies)"
+        return None
+    for key in FORMATS[kind]:
+        if not isinstance(record[key], str):
+            return f"{key!r} must be a string, not {type(record[key]).__name__}"
+    if not record[FORMATS[kind][-1]].strip():
+        return f"{FORMATS[kind][-1]!r} is empty"
+    return None
 
 
 @dataclass
@@ -83,7 +105,9 @@ def load_source(path, weight=1.0, valid_fraction=0.01, max_valid=64, seed=0) -> 
     if not train:
         raise UserError(f"{path}: the data set is empty: give a file with at least one record")
     kind = record_format(path, train)
-    if not valid:
+    if valid:
+        record_format(path / "valid.jsonl", valid)
+    else:
         order = np.random.default_rng(seed).permutation(len(train))
         n_valid = min(max_valid, max(1, int(len(train) * valid_fraction))) if len(train) > 1 else 0
         held_out = set(order[:n_valid].tolist())
@@ -100,6 +124,9 @@ class Encoder:
     SAMPLES = {"text": {"text": ""}, "chat": {"messages": []}, "completions": {"prompt": "", "completion": ""}}
 
     def __init__(self, tokenizer, kind):
+        if kind == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise UserError("chat (messages) data needs a model with a chat template, and this one has none: "
+                            "train it on text or prompt/completion records")
         config = SimpleNamespace(mask_prompt=kind != "text")
         self.dataset = create_dataset([self.SAMPLES[kind]], tokenizer, config)
 

@@ -5,6 +5,7 @@ data parallelism with mx.distributed, validation, best-adapter keeping, resume.
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,9 +19,10 @@ from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.trainer import grad_checkpoint
 
-from ..adapters import (ADAPTER_FILE, adapter_weights, apply_lora, load_adapter_weights, lora_config,
+from ..adapters import (ADAPTER_FILE, adapter_weights, apply_lora, check_targets, load_adapter_weights, lora_config,
                         read_adapter_config, save_adapter)
 from ..errors import Interrupted, UserError
+from ..output_checks import disk_full_error
 from ..progress import Progress
 from ..utils import save_safetensors, write_json
 from .data import Packer, sequences
@@ -29,6 +31,9 @@ from .losses import make_loss
 LAST_FILE = "last.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
+# Updates in a row whose batches hold no trainable token (chat replies cut off by --seq-len)
+# before the run gives up: they are skipped, since dividing by their zero tokens gives NaN.
+MAX_EMPTY_UPDATES = 16
 
 
 class NonFiniteLoss(UserError):
@@ -56,6 +61,15 @@ class TrainConfig:
     val_every: int = 50  # updates
     val_sequences: int = 4  # per data source
     seed: int = 0
+
+    def __post_init__(self):
+        """Values that would train nonsense are refused before any work."""
+        check_targets(self.lora_targets)
+        rates = (("--learning-rate", self.learning_rate, True), ("--method-lr", self.method_lr, True),
+                 ("--weight-decay", self.weight_decay, False), ("--lora-alpha (over --lora-rank)", self.lora_scale, True))
+        for flag, value, positive in rates:
+            if value is not None and (value < 0 or (positive and value == 0) or not math.isfinite(value)):
+                raise UserError(f"{flag} {value:g}: give a {'positive' if positive else 'non-negative'} number")
 
     @property
     def tokens_per_update(self):
@@ -191,25 +205,46 @@ class Trainer:
         mx.eval(loss_sum, norm, ce_sum, ce_n, grads)
         return np.array([loss_sum.item(), norm.item(), ce_sum.item(), ce_n.item()]), grads
 
-    def update(self, data):
-        """One optimizer update from grad_accumulation micro-batches; refuses a non-finite loss."""
-        config, state = self.config, self.run.state
+    def accumulate(self, data):
+        """(gradient sum, loss sums) over grad_accumulation micro-batches, summed over ranks."""
         grad_sum, sums = None, np.zeros(4)
-        start = time.perf_counter()
-        for _ in range(config.grad_accumulation):
+        for _ in range(self.config.grad_accumulation):
             values, grads = self.micro_step(*next(data))
             grad_sum = grads if grad_sum is None else tree_map(mx.add, grad_sum, grads)
             sums += values
         if self.size > 1:
             sums = np.array(mx.distributed.all_sum(mx.array(sums, dtype=mx.float32), stream=mx.cpu).tolist())
-        if not np.isfinite(sums[0]):  # every rank sees the same sums, so all stop together
+        return grad_sum, sums
+
+    def non_empty(self, data):
+        """accumulate() of the next batches holding a trainable token; empty ones are skipped."""
+        config, state = self.config, self.run.state
+        for _ in range(MAX_EMPTY_UPDATES):
+            grad_sum, sums = self.accumulate(data)
+            if sums[1] > 0:  # every rank sees the same sums, so all skip together
+                return grad_sum, sums
+            state["sequences"] += config.batch_size * config.grad_accumulation  # resume goes on past them
+            state["skipped_updates"] = state.get("skipped_updates", 0) + 1
+        raise UserError(
+            f"{MAX_EMPTY_UPDATES} updates in a row had no trainable token (chat replies fall past --seq-len "
+            f"{config.seq_len}?): raise --seq-len or check the data"
+        )
+
+    def update(self, data):
+        """One optimizer update from grad_accumulation micro-batches; refuses a non-finite loss or gradient."""
+        config, state = self.config, self.run.state
+        start = time.perf_counter()
+        grad_sum, sums = self.non_empty(data)
+        grads = tree_map(lambda g: g * (self.size / sums[1]), average_gradients(grad_sum))
+        finite_grads = mx.all(mx.array([mx.isfinite(g).all() for _, g in tree_flatten(grads)])).item()
+        if not (np.isfinite(sums[0]) and finite_grads):  # every rank sees the same sums and gradients
+            what = f"the loss became {sums[0]}" if not np.isfinite(sums[0]) else "the gradients became infinite or NaN"
             raise NonFiniteLoss(
-                f"the loss became {sums[0]} at update {state['update'] + 1}: stopped; the last good adapter is in "
+                f"{what} at update {state['update'] + 1}: stopped; the last good adapter is in "
                 f"{self.run.folder} (lower --learning-rate, then --resume)"
             )
         # The weights before this update gave finite losses: keep them to fall back on.
         self.previous = (tree_map(lambda x: x, self.model.trainable_parameters()), tree_map(lambda x: x, self.optimizer.state))
-        grads = tree_map(lambda g: g * (self.size / sums[1]), average_gradients(grad_sum))
         self.optimizer.update(self.model, grads)
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         state["update"] += 1
@@ -247,11 +282,44 @@ def validation_sets(sources, tokenizer, config):
     return {Path(s.path).stem: [x for _, x in zip(range(config.val_sequences), it)] for s, it in zip(sources, valid)}
 
 
+def check_trainable(val_sets, config):
+    for name, seqs in val_sets.items():
+        if not any(any(mask[1:]) for _, mask in seqs):
+            raise UserError(
+                f"the validation records of {name} hold no trainable token within --seq-len {config.seq_len} "
+                "(chat prompts longer than that leave no reply): raise --seq-len"
+            )
+
+
 def train(model, tokenizer, sources, config: TrainConfig, output, resume=False, force=False, log=print):
     """Train LoRA adapters (and method parameters) on `sources`; returns the run's state."""
     world = mx.distributed.init()
+    val_sets = validation_sets(sources, tokenizer, config)  # data that cannot train fails before any output
+    check_trainable(val_sets, config)
+    fresh = not Path(output).exists()
     if world.rank() == 0:
         prepare_output(output, resume, force)
+    try:
+        return run_training(model, tokenizer, sources, val_sets, config, output, resume, world, log)
+    except (NonFiniteLoss, KeyboardInterrupt):
+        raise  # they saved a resumable run
+    except Exception as e:
+        # A run that never trained leaves nothing behind: a rerun would refuse the folder.
+        if fresh and world.rank() == 0 and never_trained(Path(output)):
+            shutil.rmtree(output, ignore_errors=True)
+        if isinstance(e, OSError):  # files are replaced whole, so what was saved before is intact
+            raise disk_full_error(output, e, "free some space, then run again (with --resume once it has trained)") from None
+        raise
+
+
+def never_trained(folder):
+    try:
+        return json.loads((folder / STATE_FILE).read_text())["update"] == 0
+    except (OSError, ValueError, KeyError):
+        return True
+
+
+def run_training(model, tokenizer, sources, val_sets, config, output, resume, world, log):
     mx.random.seed(config.seed)  # the same LoRA initialisation on every rank and every run
     # Attention transfer (stage 1) trains the method's own parameters alone, as LoLCATs does.
     targets = () if config.objective == "transfer" else config.lora_targets
@@ -277,7 +345,6 @@ def train(model, tokenizer, sources, config: TrainConfig, output, resume=False, 
     for _ in range(run.state["sequences"]):
         next(stream)  # resume where the data stopped
     data = batches(stream, config.batch_size, world.rank(), world.size())
-    val_sets = validation_sets(sources, tokenizer, config)
 
     remaining = (config.updates - run.state["update"]) * config.tokens_per_update
     progress = Progress(remaining, "tok", "train", stream=None if run.writer else open(os.devnull, "w"))
@@ -301,4 +368,6 @@ def train(model, tokenizer, sources, config: TrainConfig, output, resume=False, 
         progress.close()
     if packer.truncated:
         log(f"{packer.truncated} chat examples were longer than {config.seq_len + 1} tokens and were truncated")
+    if run.state.get("skipped_updates"):
+        log(f"{run.state['skipped_updates']} updates held no trainable token (replies past --seq-len) and were skipped")
     return run.state
