@@ -211,8 +211,9 @@ def test_softmax_mode_is_the_original_transformer():
     assert not mx.allclose(model(tokens), original(tokens), atol=1e-2).item()
 
 
-def test_prompt_cache_file_round_trip(tmp_path):
-    model = tiny_model()
+@pytest.mark.parametrize("method", [{}, {"method": "lolcats"}])
+def test_prompt_cache_file_round_trip(tmp_path, method):
+    model = tiny_model(**method)
     tokens = mx.random.randint(0, TINY["vocab_size"], (1, 30))
     _, cache = incremental(model, tokens, [29])
     save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
