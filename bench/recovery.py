@@ -12,19 +12,18 @@ with more tokens or variants only evaluates what changed.
 import argparse
 import json
 import time
-from pathlib import Path
 
-from common import RESULTS, write_json
+from common import RESULTS, SHARED_DATA, write_json
 
 import mlx_linear
-from mlx_linear import utils
+from mlx_linear import files
 from mlx_linear.convert import bundled_model, convert
 from mlx_linear.eval.report import RECOVERY_NOTE, average, compare, number, percent, ratio
 from mlx_linear.eval.runner import evaluate
 from mlx_linear.plot import line_plot
 from mlx_linear.train import TrainConfig, load_source, train
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 TASKS = ("piqa", "arc_easy", "hellaswag", "lambada", "wikitext2")
 
 # name -> (conversion options, training options)
@@ -47,7 +46,7 @@ def cached_evaluation(cache_file, key, model_path, adapter, options):
         model, tokenizer = mlx_linear.load(model_path, adapter_path=adapter)
         start = time.perf_counter()
         cache[key] = {"metrics": evaluate(model, tokenizer, **options), "seconds": time.perf_counter() - start}
-        utils.write_json(cache_file, cache)
+        files.write_json(cache_file, cache)
     return cache[key]["metrics"]
 
 

@@ -3,8 +3,6 @@ mlx-lm prompt-cache safetensors, with the model's fingerprint and a checksum in 
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -12,6 +10,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from mlx_linear.errors import UserError
+from mlx_linear.files import atomic_file
 
 FORMAT = "mlx-linear-chat-state/1"
 SUFFIX = ".safetensors"  # mx.load tells formats by it
@@ -38,14 +37,8 @@ def save_state(path, cache, model_id, **fields):
     mx.eval([c.state for c in cache])
     fields = {"format": FORMAT, "model": model_id, **fields}
     metadata = {**fields, "checksum": checksum(cache, fields)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=SUFFIX, dir=path.parent)
-    os.close(fd)
-    try:
-        save_prompt_cache(tmp, cache, metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_prompt_cache(str(tmp), cache, metadata)
     return path
 
 

@@ -13,7 +13,8 @@ from mlx_lm.utils import quantize_model, save_config, save_model
 from mlx_linear.errors import UserError
 from mlx_linear.methods import METHODS
 from mlx_linear.model import Linearization, base_architecture
-from mlx_linear.utils import atomic_output, get_model_classes
+from mlx_linear.files import atomic_output
+from mlx_linear.utils import get_model_classes
 
 from . import hf
 from .bundled import bundled_gguf

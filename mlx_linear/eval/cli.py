@@ -6,7 +6,7 @@ import click
 
 from mlx_linear.cli import log
 from mlx_linear.errors import UserError
-from mlx_linear.utils import write_json
+from mlx_linear.files import write_json
 
 from .runner import DEFAULT_TASKS
 from .scoring import MODES

@@ -21,7 +21,7 @@ from mlx_lm.tuner.trainer import grad_checkpoint
 from ..adapters import ADAPTER_FILE, apply_lora, load_adapter, lora_config, read_adapter_config, save_adapter
 from ..errors import Interrupted, UserError
 from ..progress import Progress
-from ..utils import save_safetensors, write_json
+from ..files import save_safetensors, write_json
 from .data import Packer, sequences
 from .losses import make_loss
 
