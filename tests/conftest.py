@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +10,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import mlx_linear  # noqa: E402,F401  (loads the BLAS before mlx)
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
+
+# Full benchmark files: CI has them beside the clone; a plain clone skips the tests that need them.
+FULL_DATA = Path(os.environ.get("MLX_LINEAR_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+def full_data_dir() -> Path:
+    if not (FULL_DATA / "piqa" / "valid.jsonl").is_file():
+        pytest.skip(f"needs the full benchmark files in {FULL_DATA} (or $MLX_LINEAR_DATA)")
+    return FULL_DATA
+
 
 TINY = {
     "hidden_size": 64,

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -13,7 +14,7 @@ from mlx_linear.cli import cli
 from mlx_linear.convert import convert
 from mlx_linear.errors import UserError
 from mlx_linear.eval import evaluate
-from mlx_linear.eval.data import data_dir, default_data_dir
+from mlx_linear.eval.data import data_dir
 from mlx_linear.eval.runner import run_task
 from mlx_linear.eval.scoring import MODES, Scorer, encode, encode_pair, window_spans
 from mlx_linear.eval.tasks import get_task
@@ -256,10 +257,13 @@ def test_unknown_task_and_missing_data(tmp_path, monkeypatch):
         get_task("piqa2")
     with pytest.raises(UserError, match="does not exist.*--data-dir"):
         data_dir(tmp_path / "nowhere")
-    with pytest.raises(UserError, match=r"piqa/valid.jsonl is missing"):
-        get_task("piqa").check(tmp_path)
+    with pytest.raises(UserError, match=r"tinyshakespeare/input.txt is missing \(the task has no hub copy\)"):
+        get_task("tinyshakespeare").check(tmp_path)
+    monkeypatch.delenv("MLX_LINEAR_DATA", raising=False)
+    assert data_dir() is None  # the hub
     monkeypatch.setenv("MLX_LINEAR_DATA", str(tmp_path))
-    assert default_data_dir() == tmp_path
+    (tmp_path / "other").mkdir()
+    assert data_dir() == tmp_path and data_dir(tmp_path / "other") == tmp_path / "other"  # --data-dir wins
 
 
 def test_malformed_records_name_their_line(tmp_path):
@@ -399,5 +403,6 @@ def test_lm_eval_harness_agrees(folders, tiny_data, tmp_path, monkeypatch):
 
 def test_original_smollm2_is_above_chance_on_piqa(smollm_none):
     model, tok = mlx_linear.load(smollm_none)
-    result = evaluate(model, tok, ["piqa"], limit=20, progress=False)
+    fixtures = Path(__file__).parent / "data"  # the first 20 PIQA validation questions
+    result = evaluate(model, tok, ["piqa"], limit=20, data_dir=fixtures, progress=False)
     assert result["piqa"]["acc"] >= 0.65  # chance 0.5; measured 0.70 on these 20, 0.635 on the first 200
