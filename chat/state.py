@@ -49,8 +49,10 @@ def load_state(path, model_id):
         raise UserError(f"no state file {path}: check the name (/save FILE writes one)")
     try:
         cache, metadata = load_prompt_cache(str(path), return_metadata=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable chat state ({type(e).__name__}): it is corrupt; save it again") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e}): check the file and its permissions") from e
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # what mx.load and the cache classes raise on damage
+        raise UserError(f"{path} is not a readable chat state ({type(e).__name__}: {e}): it is corrupt; save it again") from e
     if metadata.get("format") != FORMAT:
         raise UserError(f"{path} is not a chat state file (format {metadata.get('format')!r}): use a file /save wrote")
     if metadata.get("model") != model_id:

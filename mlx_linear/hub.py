@@ -9,10 +9,13 @@ from .errors import UserError
 
 def download_error(what: str, error: Exception, fix: str) -> UserError:
     """Offline with nothing cached, missing upstream, or another failure: each said as such."""
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
 
     if isinstance(error, LocalEntryNotFoundError):
         reason = "not in the Hugging Face cache, and the hub cannot be reached (offline?)"
+    elif isinstance(error, GatedRepoError):
+        reason = "gated: accept its terms on the hub and log in (`hf auth login`)"
     elif isinstance(error, (RepositoryNotFoundError, EntryNotFoundError)):
         reason = "not found on the hub"
     else:

@@ -25,9 +25,9 @@ class Handler(BaseHTTPRequestHandler):
     def answer(self, body_too):
         self.requests.append((self.command, self.path))
         repo, revision, data = self.find()
-        if data is None:
+        if data is None:  # as the hub answers: no such repo (its API), no such file (a download)
             self.send_response(404)
-            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("X-Error-Code", "RepoNotFound" if self.path.startswith("/api/") else "EntryNotFound")
             self.send_header("Content-Length", "0")
             self.end_headers()
             return

@@ -287,6 +287,12 @@ def test_malformed_records_name_their_line(tmp_path):
                  tmp_path, progress=False)
 
 
+def test_a_bug_in_scoring_is_not_blamed_on_the_record(tmp_path):
+    write_jsonl(tmp_path / "arc/arc_easy_test.jsonl", [{"question": "q", "choices": ["a", "b"], "answer_idx": 0}])
+    with pytest.raises(KeyError):  # the scorer's table lacks the requests: its fault, not the record's
+        run_task(get_task("arc_easy"), TableScorer({}), tmp_path, progress=False)
+
+
 # The command
 
 

@@ -73,6 +73,9 @@ class Task:
         """Iterable of documents (the first `limit` are evaluated)."""
         return self.read(root)
 
+    def validate(self, doc):
+        """Raise KeyError, IndexError, TypeError or ValueError for a malformed record, before any scoring."""
+
     def process(self, scorer, doc) -> dict:
         raise NotImplementedError
 
@@ -118,6 +121,9 @@ class MultipleChoice(JsonlTask):
     def requests(self, doc):
         return [(self.context(doc), self.delimiter + c) for c in self.choices(doc)]
 
+    def validate(self, doc):
+        self.score(doc, [0.0] * len(self.requests(doc)))  # reads every field scoring will read
+
     def process(self, scorer, doc):
         lls = [ll for ll, _ in scorer.loglikelihoods(self.requests(doc))]
         return self.score(doc, lls)
@@ -137,6 +143,9 @@ class LastWord(JsonlTask):
     fields = ("text",)
     metrics = ("acc", "ppl")
     primary = "acc"
+
+    def validate(self, doc):
+        doc["text"].rpartition(" ")
 
     def process(self, scorer, doc):
         context, _, word = doc["text"].rpartition(" ")  # = split(" ")[:-1] joined, and the last piece
