@@ -43,6 +43,29 @@ ARCHITECTURES = {
 }
 
 
+def tiny_model(model_type="llama", seed=0, **linearization):
+    """A random linearized model of the TINY shape (window 8)."""
+    from mlx_linear.model import Model, ModelArgs
+
+    config = {"model_type": model_type, **TINY, **ARCHITECTURES[model_type]}
+    config["linearization"] = {"method": "liger-gla", "window": 8, **linearization}
+    mx.random.seed(seed)
+    model = Model(ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    return model
+
+
+def make_inputs(B, H, Hs, L, d, seed):
+    """Scan inputs: feature-mapped queries and keys, values, log gates in (-inf, 0), a state."""
+    mx.random.seed(seed)
+    q = mx.softmax(mx.random.normal((B, H, L, d)), axis=-1)
+    k = mx.softmax(mx.random.normal((B, Hs, L, d)), axis=-1)
+    v = mx.random.normal((B, Hs, L, d))
+    log_g = mx.log(mx.sigmoid(2 * mx.random.normal((B, Hs, L, d)))) / 4
+    state = mx.random.normal((B, Hs, d, d))
+    return q, k, v, log_g, state
+
+
 def tiny_tokenizer():
     """A byte-level BPE tokenizer of 256 bytes, a few merges and chat tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -13,7 +13,7 @@ import mlx_linear
 from mlx_linear.convert import convert
 from mlx_linear.errors import UserError
 from mlx_linear.eval import evaluate
-from mlx_linear.eval.tasks import get_task
+from mlx_linear.eval.tasks import Task, get_task
 from mlx_linear.hub import HubFile
 
 from conftest import full_data_dir
@@ -82,6 +82,14 @@ def test_a_local_folder_wins_and_a_missing_task_falls_back_to_the_hub(monkeypatc
         get_task(name).check(FIXTURES)  # all local: the hub is not asked
     with pytest.raises(UserError, match=r"^winogrande: offline: .*--data-dir DIR holding winogrande/"):
         get_task("winogrande").check(FIXTURES)
+
+
+def test_a_task_that_reads_no_files_needs_no_folder():
+    class Synthetic(Task):
+        name = "synthetic"
+
+    Synthetic().check(None)
+    Synthetic().check(FIXTURES)
 
 
 @pytest.fixture(scope="module")

@@ -6,18 +6,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-from mlx_linear.model import Model, ModelArgs
-
-from conftest import ARCHITECTURES, TINY
-
-
-def tiny_model(model_type="llama", seed=0, **linearization):
-    config = {"model_type": model_type, **TINY, **ARCHITECTURES[model_type]}
-    config["linearization"] = {"method": "liger-gla", "window": 8, **linearization}
-    mx.random.seed(seed)
-    model = Model(ModelArgs.from_dict(config))
-    mx.eval(model.parameters())
-    return model
+from conftest import ARCHITECTURES, TINY, tiny_model
 
 
 def reference_liger(attn, x, window, sinks=0, normalize=False, mix=0.5, maps=None):

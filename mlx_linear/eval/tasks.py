@@ -43,7 +43,8 @@ class Task:
     primary = None  # the metric a benchmark average takes; None: not averaged
 
     def is_local(self, root):
-        return root is not None and all((root / f).is_file() for f in self.files)
+        """The folder holds the task's files (a task that reads none, e.g. synthetic, needs no folder)."""
+        return not self.files or (root is not None and all((root / f).is_file() for f in self.files))
 
     def check(self, root):
         """Fails before any model runs: the local files, else the hub file (fetched now if not cached)."""
@@ -161,8 +162,11 @@ class Perplexity(Task):
 
     metrics = ("ppl",)
 
+    def text(self, root):
+        return self.read(root)
+
     def documents(self, root, scorer):
-        tokens = scorer.encode(self.read(root))
+        tokens = scorer.encode(self.text(root))
         return ((tokens, span) for span in scorer.perplexity_spans(tokens))
 
     def read_local(self, root):
