@@ -50,7 +50,8 @@ def run(label, folder, adapter, options, verbose):
 @click.option("--baseline-adapter", type=click.Path(file_okay=False), help="LoRA adapter folder for --baseline.")
 @click.option("--tasks", default=",".join(DEFAULT_TASKS), show_default=True, help="Comma-separated task names.")
 @click.option("--limit", multiple=True, help="Documents per task: N, or TASK=N for one task (repeatable). [all]")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Local data folder [$MLX_LINEAR_DATA; else the Hugging Face hub, cached].")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Local data folder [$MLX_LINEAR_DATA; else the Hugging Face hub, cached].")
 @click.option("--window", default=1024, show_default=True, type=click.IntRange(2), help="Perplexity window (tokens).")
 @click.option("--stride", type=click.IntRange(1), help="Perplexity stride (< window: overlapping windows). [window]")
 @click.option("--scoring", default="batched", show_default=True, type=click.Choice(MODES),

@@ -4,8 +4,9 @@ A task lists its data files, reads its documents, scores one document with a Sco
 (log-likelihoods of (context, continuation) requests, or perplexity windows) and reduces
 the per-document scores to metrics. Prompts and metrics follow lm-evaluation-harness's
 zero-shot task configs. Data comes from a local folder when it holds the task's `files`, else
-from the Hugging Face hub file lm-evaluation-harness reads (`hub`), cached after the first run. To add one, subclass MultipleChoice, LastWord or Perplexity and
-decorate it with @register_task (README, "Evaluation").
+from the Hugging Face hub file lm-evaluation-harness reads (`hub`), cached after the first run.
+To add one, subclass MultipleChoice, LastWord or Perplexity and decorate it with
+@register_task (README, "Evaluation").
 """
 
 import math
