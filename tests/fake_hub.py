@@ -50,6 +50,10 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
+# For a process that downloads from the stand-in: nothing else to reach.
+NO_TELEMETRY = {"HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"}
+
+
 @contextlib.contextmanager
 def serve(files):
     """Yield (endpoint URL, list of requests served) while a server answers from `files`."""

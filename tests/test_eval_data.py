@@ -17,7 +17,7 @@ from mlx_linear.eval.tasks import Task, get_task
 from mlx_linear.hub import HubFile
 
 from conftest import full_data_dir
-from fake_hub import fixture_files, serve
+from fake_hub import NO_TELEMETRY, fixture_files, serve
 
 FIXTURES = Path(__file__).parent / "data"  # a few real records of each local file
 HUB_TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada", "wikitext2")
@@ -100,7 +100,7 @@ def tiny_liger(hf_checkpoints, tmp_path_factory):
 
 def run_eval(model, out, env):
     args = ["--model", model, "--tasks", ",".join(HUB_TASKS), "--limit", "2", "--window", "16", "-o", out]
-    env = {k: v for k, v in {**os.environ, **env}.items() if k not in ("MLX_LINEAR_DATA", "HF_HUB_CACHE")}
+    env = {k: v for k, v in {**os.environ, **NO_TELEMETRY, **env}.items() if k not in ("MLX_LINEAR_DATA", "HF_HUB_CACHE")}
     return subprocess.run([sys.executable, "-m", "mlx_linear", "eval", *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=300)
 

@@ -5,11 +5,11 @@ import os
 import subprocess
 import sys
 
-from fake_hub import serve
+from fake_hub import NO_TELEMETRY, serve
 
 
 def test_a_missing_hub_model_is_not_found_not_offline(tmp_path):
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+    env = {**os.environ, **NO_TELEMETRY, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
     with serve({}) as (endpoint, _):
         result = subprocess.run([sys.executable, "-m", "mlx_linear", "convert", "--hf", "nobody/no-such-model",
                                  "-o", str(tmp_path / "o")], env={**env, "HF_ENDPOINT": endpoint},
