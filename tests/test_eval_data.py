@@ -122,7 +122,7 @@ def test_eval_fetches_from_the_hub_once_then_reads_the_cache_offline(tiny_liger,
     direct = evaluate(model, tokenizer, HUB_TASKS, limit=2, window=16, progress=False)
     assert set(direct) == set(online)
     for name, metrics in direct.items():
-        assert online[name] == pytest.approx(metrics, rel=1e-6), name
+        assert online[name] == pytest.approx(metrics, rel=1e-4), name  # float32 sums in another process
 
 
 def test_offline_with_nothing_cached_is_one_line_naming_task_dataset_and_data_dir(tiny_liger, tmp_path):
