@@ -90,6 +90,9 @@ def test_a_task_that_reads_no_files_needs_no_folder():
 
     Synthetic().check(None)
     Synthetic().check(FIXTURES)
+    assert Synthetic().source(None) == "synthetic"
+    assert get_task("piqa").source(None) == "baber/piqa/piqa_validation.parquet"
+    assert get_task("piqa").source(FIXTURES) == str(FIXTURES / "piqa/valid.jsonl")
 
 
 @pytest.fixture(scope="module")

@@ -69,6 +69,9 @@ class Task:
         raise NotImplementedError
 
     def source(self, root) -> str:
+        """Where the documents come from, for messages."""
+        if not self.files:
+            return self.name
         return str(root / self.files[0]) if self.is_local(root) else str(self.hub)
 
     def documents(self, root, scorer):
