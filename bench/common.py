@@ -7,9 +7,10 @@ from pathlib import Path
 
 import mlx_linear  # noqa: F401  (BLAS before mlx)
 import mlx.core as mx
-from mlx_linear import utils
+from mlx_linear import files
 
 RESULTS = Path(__file__).parent / "results"
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # the benchmarks' offline copy
 
 
 def machine() -> dict:
@@ -27,5 +28,5 @@ def machine() -> dict:
 def write_json(name, data) -> Path:
     """bench/results/NAME.json, with the machine it was measured on."""
     path = RESULTS / f"{name}.json"
-    utils.write_json(path, {"machine": machine(), **data})
+    files.write_json(path, {"machine": machine(), **data})
     return path

@@ -15,7 +15,7 @@ import time
 from itertools import islice
 from pathlib import Path
 
-from common import RESULTS, write_json
+from common import RESULTS, SHARED_DATA, write_json
 
 import mlx_linear
 from mlx_linear.convert import bundled_model
@@ -36,12 +36,12 @@ def timed(scorer, groups):
 
 def task_groups(task_name, tokenizer, docs):
     task = get_task(task_name)
-    documents = islice(task.documents(data_dir(), None), docs + 1)  # the first one warms up
+    documents = islice(task.documents(data_dir(SHARED_DATA), None), docs + 1)  # the first one warms up
     return [[encode_pair(tokenizer, c, x) for c, x in task.requests(d)] for d in documents]
 
 
 def synthetic_groups(tokenizer, length, choices=4, continuation=20):
-    text = (data_dir() / "wikitext2/wiki.test.raw.lf.txt").read_text()[:200_000]
+    text = get_task("wikitext2").read(data_dir(SHARED_DATA))[:200_000]
     tokens = tokenizer.encode(text)
     context = tokens[:length]
     pairs = [(context, tokens[length + i * continuation : length + (i + 1) * continuation]) for i in range(choices)]

@@ -18,19 +18,18 @@ with more tokens or variants only evaluates what changed.
 import argparse
 import json
 import time
-from pathlib import Path
 
-from common import RESULTS, write_json
+from common import RESULTS, SHARED_DATA, write_json
 
 import mlx_linear
-from mlx_linear import utils
+from mlx_linear import files
 from mlx_linear.convert import bundled_model, convert
 from mlx_linear.eval.report import RECOVERY_NOTE, STATE_NOTE, average, compare, number, percent, ratio, share
 from mlx_linear.eval.runner import evaluate
 from mlx_linear.plot import line_plot
 from mlx_linear.train import TrainConfig, load_source, train
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 TASKS = ("piqa", "arc_easy", "hellaswag", "lambada", "wikitext2")
 LONG_TASKS = ("wikitext2", "gentext", "passkey")  # by position, beyond the window
 
@@ -58,7 +57,7 @@ def cached_evaluation(cache_file, key, model_path, adapter, options, use_state=T
             model.use_state(False)
         start = time.perf_counter()
         cache[key] = {"metrics": evaluate(model, tokenizer, **options), "seconds": time.perf_counter() - start}
-        utils.write_json(cache_file, cache)
+        files.write_json(cache_file, cache)
     return cache[key]["metrics"]
 
 

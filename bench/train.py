@@ -13,7 +13,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import write_json
+from common import SHARED_DATA, write_json
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -28,7 +28,7 @@ from mlx_linear.convert import bundled_model
 from mlx_linear.train import TrainConfig, load_source, train
 from mlx_linear.train.data import sequences
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gentext"
+DATA = SHARED_DATA / "gentext"
 
 
 def ours(source, seq_len, steps, grad_checkpoint, method="liger-gla", objective="ce"):

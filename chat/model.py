@@ -13,12 +13,12 @@ from mlx_linear.adapters import ADAPTER_FILE, CONFIG_FILE
 from mlx_linear.convert import bundled_model
 
 # Package data: the LoRA adapter this project trained for the bundled model, and the
-# `convert` options (sinks, method options) of the model it was trained on.
+# `convert` options (method, sinks, method options) of the model it was trained on.
 BUNDLED_ADAPTER = "smollm2-135m-instruct-liger-gla"
 CONVERSION_FILE = "conversion.json"
 NO_ADAPTER_NOTE = (
-    "note: no trained adapter ships with mlx-linear yet, so this untrained linearized SmolLM2 "
-    "talks nonsense (uptraining recovers it): pass --adapter with one from `mlx_linear lora-train`"
+    "note: the trained adapter for the bundled SmolLM2 is missing from this install, so the untrained "
+    "linearized model talks nonsense: reinstall mlx-linear, or pass --adapter with one from `mlx_linear lora-train`"
 )
 
 
@@ -39,7 +39,7 @@ def load_chat_model(model=None, adapter=None, log=print):
                 log(NO_ADAPTER_NOTE)
         conversion_file = Path(adapter or "", CONVERSION_FILE)
         conversion = json.loads(conversion_file.read_text()) if adapter and conversion_file.is_file() else {}
-        model = bundled_model("liger-gla", log=log, **conversion)
+        model = bundled_model(log=log, **conversion)
     name = Path(model).name + (f" + {Path(adapter).name}" if adapter else "")
     return (*load(model, adapter_path=adapter), name)
 

@@ -3,8 +3,6 @@ mlx-lm prompt-cache safetensors, with the model's fingerprint and a checksum in 
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -12,6 +10,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from mlx_linear.errors import UserError
+from mlx_linear.files import atomic_file
 
 FORMAT = "mlx-linear-chat-state/1"
 SUFFIX = ".safetensors"  # mx.load tells formats by it
@@ -38,14 +37,8 @@ def save_state(path, cache, model_id, **fields):
     mx.eval([c.state for c in cache])
     fields = {"format": FORMAT, "model": model_id, **fields}
     metadata = {**fields, "checksum": checksum(cache, fields)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=SUFFIX, dir=path.parent)
-    os.close(fd)
-    try:
-        save_prompt_cache(tmp, cache, metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_prompt_cache(str(tmp), cache, metadata)
     return path
 
 
@@ -56,8 +49,10 @@ def load_state(path, model_id):
         raise UserError(f"no state file {path}: check the name (/save FILE writes one)")
     try:
         cache, metadata = load_prompt_cache(str(path), return_metadata=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable chat state ({type(e).__name__}): it is corrupt; save it again") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e}): check the file and its permissions") from e
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # what mx.load and the cache classes raise on damage
+        raise UserError(f"{path} is not a readable chat state ({type(e).__name__}: {e}): it is corrupt; save it again") from e
     if metadata.get("format") != FORMAT:
         raise UserError(f"{path} is not a chat state file (format {metadata.get('format')!r}): use a file /save wrote")
     if metadata.get("model") != model_id:

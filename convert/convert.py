@@ -14,8 +14,9 @@ from mlx_linear import __version__
 from mlx_linear.errors import UserError
 from mlx_linear.methods import METHODS
 from mlx_linear.model import Linearization, base_architecture
+from mlx_linear.files import atomic_output
 from mlx_linear.output_checks import MARK, check_free_space, disk_full_error, prepare_model_output
-from mlx_linear.utils import atomic_output, get_model_classes
+from mlx_linear.utils import get_model_classes
 
 from . import hf
 from .bundled import bundled_gguf

@@ -9,7 +9,7 @@ from mlx_linear.errors import UserError
 from .tokenizer import tokenizer_from_gguf
 
 # general.architecture -> HF model_type (llama.cpp writes Mistral as "llama").
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+GGUF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 BLOCK = {
     "attn_norm": "input_layernorm",
@@ -63,12 +63,12 @@ def _value(meta, key, default=None):
 
 def gguf_config(meta, tensors) -> dict:
     arch = str(meta.get("general.architecture", "?"))
-    if arch not in ARCHITECTURES:
-        raise UserError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
+    if arch not in GGUF_MODEL_TYPES:
+        raise UserError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(sorted(GGUF_MODEL_TYPES))}")
     heads = int(_value(meta, f"{arch}.attention.head_count"))
     hidden = int(_value(meta, f"{arch}.embedding_length"))
     config = {
-        "model_type": ARCHITECTURES[arch],
+        "model_type": GGUF_MODEL_TYPES[arch],
         "hidden_size": hidden,
         "intermediate_size": int(_value(meta, f"{arch}.feed_forward_length")),
         "num_hidden_layers": int(_value(meta, f"{arch}.block_count")),

@@ -8,7 +8,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_linear.errors import UserError
-from mlx_linear.utils import read_safetensors
+from mlx_linear.hub import download_error
+from mlx_linear.files import read_safetensors
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 DOWNLOAD_PATTERNS = ["*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
@@ -25,14 +26,13 @@ def resolve(source: str) -> Path:
     if not HUB_ID.match(source) or source.startswith((".", "/", "~")):
         raise UserError(f"{source}: no such folder, and not a hub id like org/name")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
 
     try:
         return Path(snapshot_download(source, allow_patterns=DOWNLOAD_PATTERNS))
-    except Exception as e:
-        raise UserError(
-            f"cannot download {source} from the Hugging Face Hub ({type(e).__name__}; offline?): "
-            "download it on a connected machine and pass the folder to --hf"
-        ) from None
+    except (OSError, EntryNotFoundError) as e:  # network and hub errors; a bug in our code stays a traceback
+        fix = "download it on a connected machine and pass the folder to --hf"
+        raise download_error(f"cannot download {source} from the Hugging Face hub", e, fix) from e
 
 
 def read_weights(folder: Path) -> dict:

@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .errors import UserError
-from .utils import read_safetensors, save_safetensors, write_json
+from .files import read_safetensors, save_safetensors, write_json
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"

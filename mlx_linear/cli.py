@@ -8,14 +8,18 @@ import click
 
 from .errors import Interrupted, UserError
 
-# name -> "module:attribute" of a click command; each feature registers one line here.
+# name -> ("module:attribute" of a click command, the first line of its help); each feature
+# registers one line here. `--help` lists the commands from here: importing them (MLX, mlx-lm,
+# transformers) would take seconds.
 COMMANDS = {
-    "convert": "mlx_linear.convert.cli:convert",
-    "lora-train": "mlx_linear.train.cli:lora_train",
-    "fuse": "mlx_linear.train.cli:fuse",
-    "eval": "mlx_linear.eval.cli:eval_command",
-    "chat": "mlx_linear.chat.cli:chat",
-    "generate": "mlx_linear.chat.cli:generate",
+    "convert": ("mlx_linear.convert.cli:convert",
+                "Convert a checkpoint; with no --hf/--gguf, the bundled SmolLM2-135M-Instruct."),
+    "lora-train": ("mlx_linear.train.cli:lora_train", "Uptrain a converted model with LoRA (Liger's recipe by default)."),
+    "fuse": ("mlx_linear.train.cli:fuse", "Merge an adapter into a standalone converted model folder."),
+    "eval": ("mlx_linear.eval.cli:eval_command",
+             "Zero-shot tasks and perplexity, scored like lm-evaluation-harness; with --baseline, side by side."),
+    "chat": ("mlx_linear.chat.cli:chat", "Chat in the terminal; the conversation lives in the model's constant-size state."),
+    "generate": ("mlx_linear.chat.cli:generate", "Generate one reply, streamed to stdout; speed and memory go to stderr."),
 }
 
 
@@ -28,8 +32,15 @@ class Group(click.Group):
     def get_command(self, ctx, name):
         if name not in COMMANDS:
             return None
-        module, attribute = COMMANDS[name].split(":")
+        module, attribute = COMMANDS[name][0].split(":")
         return getattr(importlib.import_module(module), attribute)
+
+    def format_commands(self, ctx, formatter):
+        limit = formatter.width - 6 - max(map(len, COMMANDS))
+        summaries = {name: click.Command(name, help=COMMANDS[name][1]) for name in self.list_commands(ctx)}
+        rows = [(name, stand_in.get_short_help_str(limit)) for name, stand_in in summaries.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def invoke(self, ctx):
         signal.signal(signal.SIGTERM, terminated)

@@ -1,8 +1,8 @@
 """PNG plots of results (matplotlib, optional: `pip install matplotlib`)."""
 
-import os
-import tempfile
 from pathlib import Path
+
+from .files import atomic_file
 
 
 def line_plot(path, panels, title=""):
@@ -33,9 +33,9 @@ def line_plot(path, panels, title=""):
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return path

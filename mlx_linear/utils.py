@@ -1,10 +1,7 @@
-"""Loading converted folders, float32 on the CPU, and outputs that appear only when complete."""
+"""Loading converted folders (float32 on the CPU)."""
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -13,6 +10,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import load_model, load_tokenizer
 
 from .errors import UserError
+from .files import read_safetensors
 from .model import Model, ModelArgs, base_architecture
 
 
@@ -43,14 +41,6 @@ def read_config(path: Path) -> dict:
         return json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{config_file} is not valid JSON ({e}): convert the model again") from e
-
-
-def read_safetensors(path, fix) -> dict:
-    """mx.load of a safetensors file; a damaged one is a one-line error naming it and `fix`."""
-    try:
-        return mx.load(str(path))
-    except (RuntimeError, ValueError) as e:
-        raise UserError(f"corrupt weights file {path} ({e}): {fix}") from e
 
 
 def available_memory() -> int:
@@ -100,46 +90,3 @@ def load(path, adapter_path=None, dtype="auto", lazy=False):
         mx.eval(model.parameters())
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer
-
-
-def write_json(path, data):
-    """Write JSON beside the target and rename it into place: never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def save_safetensors(path, arrays):
-    """mx.save_safetensors, renamed into place when complete."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.partial.safetensors")
-    mx.save_safetensors(str(tmp), arrays)
-    tmp.replace(path)
-
-
-@contextlib.contextmanager
-def atomic_output(path, force=False):
-    """Yield a temporary folder beside `path`; it becomes `path` only if the block completes."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise UserError(f"{path} already exists: pass --force to replace it, or choose another -o")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(path)

@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +10,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import mlx_linear  # noqa: E402,F401  (loads the BLAS before mlx)
 import mlx.core as mx  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
+
+# Full benchmark files: CI has them beside the clone; a plain clone skips the tests that need them.
+FULL_DATA = Path(os.environ.get("MLX_LINEAR_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+def full_data_dir() -> Path:
+    if not (FULL_DATA / "piqa" / "valid.jsonl").is_file():
+        pytest.skip(f"needs the full benchmark files in {FULL_DATA} (or $MLX_LINEAR_DATA)")
+    return FULL_DATA
+
 
 TINY = {
     "hidden_size": 64,
@@ -30,6 +41,71 @@ ARCHITECTURES = {
     "qwen2": {"architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": True},
     "qwen3": {"architectures": ["Qwen3ForCausalLM"], "tie_word_embeddings": True},
 }
+
+
+def tiny_model(model_type="llama", seed=0, **linearization):
+    """A random linearized model of the TINY shape (window 8)."""
+    from mlx_linear.model import Model, ModelArgs
+
+    config = {"model_type": model_type, **TINY, **ARCHITECTURES[model_type]}
+    config["linearization"] = {"method": "liger-gla", "window": 8, **linearization}
+    mx.random.seed(seed)
+    model = Model(ModelArgs.from_dict(config))
+    mx.eval(model.parameters())
+    return model
+
+
+def head_projections(attn, x):
+    """q (B, H, L, d), k and v (B, Hkv, L, d): the pretrained projections (and Qwen3 norms)."""
+    B, L, _ = x.shape
+    q = attn.q_proj(x).reshape(B, L, attn.n_heads, -1)
+    k = attn.k_proj(x).reshape(B, L, attn.n_kv_heads, -1)
+    v = attn.v_proj(x).reshape(B, L, attn.n_kv_heads, -1)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+
+
+def incremental(model, tokens, pieces):
+    cache = model.make_cache()
+    outputs, start = [], 0
+    for n in pieces:
+        outputs.append(model(tokens[:, start : start + n], cache=cache))
+        start += n
+    while start < tokens.shape[1]:
+        outputs.append(model(tokens[:, start : start + 1], cache=cache))
+        start += 1
+    return mx.concatenate(outputs, axis=1), cache
+
+
+def assert_pieces_match_one_forward(model, splits):
+    tokens = mx.random.randint(0, TINY["vocab_size"], (2, 40))
+    full = model(tokens)
+    for split in splits:
+        pieces, _ = incremental(model, tokens, split)
+        assert mx.allclose(full, pieces, atol=1e-4).item()
+
+
+def cache_bytes(model, lengths=(20, 300)):
+    """The cache's bytes after prefilling (all but one token) and decoding each length."""
+    sizes = []
+    for length in lengths:
+        tokens = mx.random.randint(0, TINY["vocab_size"], (1, length))
+        _, cache = incremental(model, tokens, [length - 1])
+        mx.eval([c.state for c in cache])
+        sizes.append(sum(c.nbytes for c in cache))
+    return sizes
+
+
+def make_inputs(B, H, Hs, L, d, seed):
+    """Scan inputs: feature-mapped queries and keys, values, log gates in (-inf, 0), a state."""
+    mx.random.seed(seed)
+    q = mx.softmax(mx.random.normal((B, H, L, d)), axis=-1)
+    k = mx.softmax(mx.random.normal((B, Hs, L, d)), axis=-1)
+    v = mx.random.normal((B, Hs, L, d))
+    log_g = mx.log(mx.sigmoid(2 * mx.random.normal((B, Hs, L, d)))) / 4
+    state = mx.random.normal((B, Hs, d, d))
+    return q, k, v, log_g, state
 
 
 def tiny_tokenizer():

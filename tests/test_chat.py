@@ -15,6 +15,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 import mlx_linear
 from mlx_linear.adapters import apply_lora, lora_config, save_adapter
+import mlx_linear.chat.state as chat_state
 from mlx_linear.chat.model import NO_ADAPTER_NOTE, bundled_adapter
 from mlx_linear.chat.session import PREFILL_STEP, ChatSession, sampling
 from mlx_linear.cli import cli
@@ -183,6 +184,22 @@ def test_state_file_errors(loaded, tiny, tmp_path):
     with pytest.raises(UserError, match="another model"):
         other.load(path)
     assert session.num_tokens == 20 + len(session.encode("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"))
+
+
+def test_only_a_damaged_state_file_is_called_corrupt(tmp_path, monkeypatch):
+    (tmp_path / "s.safetensors").write_bytes(b"x")
+
+    def fails_with(error):
+        def load_prompt_cache(*args, **kwargs):
+            raise error
+        return load_prompt_cache
+
+    monkeypatch.setattr(chat_state, "load_prompt_cache", fails_with(PermissionError(13, "Permission denied")))
+    with pytest.raises(UserError, match=r"cannot read .*s.safetensors \(Permission denied\)"):
+        chat_state.load_state(tmp_path / "s", "model")
+    monkeypatch.setattr(chat_state, "load_prompt_cache", fails_with(AttributeError("a bug")))
+    with pytest.raises(AttributeError):  # not "corrupt"
+        chat_state.load_state(tmp_path / "s", "model")
 
 
 def memory_during_generation(model, marks):

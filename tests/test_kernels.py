@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from metal_emulation import KernelError, compiler, metal_kernel
-from test_model import tiny_model
-from test_scan import make_inputs
 
 from mlx_linear import kernels
 from mlx_linear.scan import gla_recurrent, gla_scan
+
+from conftest import make_inputs, tiny_model
 
 # One schedule for the bulk of the cases; the race tests run two and compare them.
 EMULATED = kernels.make_kernels(lambda **spec: metal_kernel(**spec, schedules=(0,)))

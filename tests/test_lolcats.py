@@ -1,12 +1,10 @@
 """LoLCATs against the design's quadratic form (section 3), token by token, and its caches."""
 
 import mlx.core as mx
-import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 
-from conftest import TINY
-from test_model import assert_pieces_match_one_forward, cache_bytes, head_projections, tiny_model
+from conftest import TINY, assert_pieces_match_one_forward, cache_bytes, head_projections, tiny_model
 
 WINDOW = 8
 

@@ -15,8 +15,7 @@ from mlx_linear.eval.report import state_share, state_table
 from mlx_linear.eval.scoring import Scorer, encode_pair
 from mlx_linear.eval.tasks import get_task
 
-from conftest import tiny_tokenizer
-from test_model import tiny_model
+from conftest import tiny_model, tiny_tokenizer
 
 WORDS = "the cat sat in the house then it rained on the thin roof and the dog ran".split()
 

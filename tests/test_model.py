@@ -6,29 +6,8 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-from mlx_linear.model import Model, ModelArgs
-
-from conftest import ARCHITECTURES, TINY
-
-
-def tiny_model(model_type="llama", seed=0, **linearization):
-    config = {"model_type": model_type, **TINY, **ARCHITECTURES[model_type]}
-    config["linearization"] = {"method": "liger-gla", "window": 8, **linearization}
-    mx.random.seed(seed)
-    model = Model(ModelArgs.from_dict(config))
-    mx.eval(model.parameters())
-    return model
-
-
-def head_projections(attn, x):
-    """q (B, H, L, d), k and v (B, Hkv, L, d): the pretrained projections (and Qwen3 norms)."""
-    B, L, _ = x.shape
-    q = attn.q_proj(x).reshape(B, L, attn.n_heads, -1)
-    k = attn.k_proj(x).reshape(B, L, attn.n_kv_heads, -1)
-    v = attn.v_proj(x).reshape(B, L, attn.n_kv_heads, -1)
-    if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    return (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+from conftest import (ARCHITECTURES, TINY, assert_pieces_match_one_forward, cache_bytes, head_projections,
+                      incremental, tiny_model)
 
 
 def reference_liger(attn, x, window, sinks=0, normalize=False, mix=0.5, maps=None, gate_normalizer=16):
@@ -140,18 +119,6 @@ def test_supra_follows_the_design(trained):
     assert mx.allclose(attn(x), reference_supra(attn, x), atol=1e-4).item()
 
 
-def incremental(model, tokens, pieces):
-    cache = model.make_cache()
-    outputs, start = [], 0
-    for n in pieces:
-        outputs.append(model(tokens[:, start : start + n], cache=cache))
-        start += n
-    while start < tokens.shape[1]:
-        outputs.append(model(tokens[:, start : start + 1], cache=cache))
-        start += 1
-    return mx.concatenate(outputs, axis=1), cache
-
-
 SUPRA_MIXED = {"method": "supra", "options": {"mix": 0.5}}
 
 
@@ -163,25 +130,6 @@ def test_prefill_pieces_then_decode_equals_full_forward(model_type, full_attenti
     """Window 8: pieces of 5, 9 and 1 then decode cross the window boundary several times."""
     model = tiny_model(model_type, full_attention_every=full_attention_every, sinks=sinks, **method)
     assert_pieces_match_one_forward(model, ([5, 9, 1, 12], [9, 3, 1, 10]))  # a piece starting in the window, past it
-
-
-def assert_pieces_match_one_forward(model, splits):
-    tokens = mx.random.randint(0, TINY["vocab_size"], (2, 40))
-    full = model(tokens)
-    for split in splits:
-        pieces, _ = incremental(model, tokens, split)
-        assert mx.allclose(full, pieces, atol=1e-4).item()
-
-
-def cache_bytes(model, lengths=(20, 300)):
-    """The cache's bytes after prefilling (all but one token) and decoding each length."""
-    sizes = []
-    for length in lengths:
-        tokens = mx.random.randint(0, TINY["vocab_size"], (1, length))
-        _, cache = incremental(model, tokens, [length - 1])
-        mx.eval([c.state for c in cache])
-        sizes.append(sum(c.nbytes for c in cache))
-    return sizes
 
 
 def test_cache_bytes_do_not_grow():

@@ -1,7 +1,12 @@
 """Every Python package in the tree is declared in pyproject.toml (else a wheel lacks it)."""
 
-import tomllib
+import sys
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # requires-python is 3.10: tomllib came with 3.11
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,6 +5,8 @@ import pytest
 
 from mlx_linear.scan import gla_chunked, gla_recurrent
 
+from conftest import make_inputs
+
 
 def quadratic(q, k, v, log_g, state):
     """o_r = sum_{c<=r} (q_r * exp(G_r - G_c)) . k_c v_c + (q_r * exp(G_r)) S_0, G the cumulative log-gate."""
@@ -19,16 +21,6 @@ def quadratic(q, k, v, log_g, state):
     out = scores @ v + (q * mx.exp(G)) @ state
     final = mx.exp(G[:, :, -1])[..., None] * state + (k * mx.exp(G[:, :, -1:] - G)).swapaxes(-1, -2) @ v
     return out, final[:, ::rep]
-
-
-def make_inputs(B, H, Hs, L, d, seed):
-    mx.random.seed(seed)
-    q = mx.softmax(mx.random.normal((B, H, L, d)), axis=-1)
-    k = mx.softmax(mx.random.normal((B, Hs, L, d)), axis=-1)
-    v = mx.random.normal((B, Hs, L, d))
-    log_g = mx.log(mx.sigmoid(2 * mx.random.normal((B, Hs, L, d)))) / 4
-    state = mx.random.normal((B, Hs, d, d))
-    return q, k, v, log_g, state
 
 
 SHAPES = [(1, 2, 2, 1, 32), (2, 4, 2, 7, 32), (1, 6, 2, 64, 64), (2, 4, 1, 65, 32), (1, 4, 2, 300, 64)]

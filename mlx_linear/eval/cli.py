@@ -6,7 +6,7 @@ import click
 
 from mlx_linear.cli import log
 from mlx_linear.errors import UserError
-from mlx_linear.utils import write_json
+from mlx_linear.files import write_json
 
 from .runner import DEFAULT_TASKS
 from .scoring import MODES
@@ -54,7 +54,8 @@ def run(label, folder, adapter, options, verbose, use_state=True):
 @click.option("--baseline-adapter", type=click.Path(file_okay=False), help="LoRA adapter folder for --baseline.")
 @click.option("--tasks", default=",".join(DEFAULT_TASKS), show_default=True, help="Comma-separated task names.")
 @click.option("--limit", multiple=True, help="Documents per task: N, or TASK=N for one task (repeatable). [all]")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Data folder [../shared/data; $MLX_LINEAR_DATA].")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Local data folder [$MLX_LINEAR_DATA; else the Hugging Face hub, cached].")
 @click.option("--window", default=1024, show_default=True, type=click.IntRange(2), help="Perplexity window (tokens).")
 @click.option("--stride", type=click.IntRange(1), help="Perplexity stride (< window: overlapping windows). [window]")
 @click.option("--scoring", default="batched", show_default=True, type=click.Choice(MODES),

@@ -1,36 +1,22 @@
-"""Where the evaluation data lives, and readers that name the file and line of a bad record."""
+"""Where the evaluation data comes from (a local folder, else the Hugging Face hub), and readers
+that name the file and line of a bad record."""
 
 import os
 from pathlib import Path
 
 from mlx_linear.errors import UserError
-from mlx_linear.train.data import read_records
+from mlx_linear.files import read_records
 
 ENV = "MLX_LINEAR_DATA"
-HINT = f"pass --data-dir DIR or set {ENV} (formats: ../shared/data/README.md)"
+HINT = f"pass --data-dir DIR or set {ENV} (formats: README, Evaluation)"
 
 
-def project_root(start: Path):
-    """The nearest folder at or above `start` holding pyproject.toml, or None."""
-    for folder in (start, *start.parents):
-        if (folder / "pyproject.toml").is_file():
-            return folder
-    return None
-
-
-def default_data_dir() -> Path:
-    """../shared/data beside the project root: found from the package (editable install), else the cwd."""
-    if os.environ.get(ENV):
-        return Path(os.environ[ENV])
-    for start in (Path(__file__).resolve().parent, Path.cwd().resolve()):
-        root = project_root(start)
-        if root is not None and (root.parent / "shared" / "data").is_dir():
-            return root.parent / "shared" / "data"
-    raise UserError(f"no evaluation data found (looked for ../shared/data beside the project root): {HINT}")
-
-
-def data_dir(path=None) -> Path:
-    path = Path(path) if path is not None else default_data_dir()
+def data_dir(path=None):
+    """The local data folder (--data-dir, else $MLX_LINEAR_DATA), or None: tasks read the hub's copy."""
+    path = path if path is not None else os.environ.get(ENV) or None
+    if path is None:
+        return None
+    path = Path(path)
     if not path.is_dir():
         raise UserError(f"evaluation data folder {path} does not exist: {HINT}")
     return path
@@ -43,14 +29,31 @@ def data_file(root: Path, relative: str) -> Path:
     return path
 
 
-def read_jsonl(path: Path, fields=()):
-    """The records of a JSONL file; a malformed line or a record without a field names its number."""
-    records = read_records(path)
+def require_fields(path, records, fields):
     for number, record in enumerate(records, 1):
         missing = [k for k in fields if k not in record]
         if missing:
             raise UserError(f"{path}: record {number} lacks field {missing[0]!r}: fix or remove it")
     return records
+
+
+def read_jsonl(path: Path, fields=()):
+    """The records of a JSONL file; a malformed line or a record without a field names its number."""
+    return require_fields(path, read_records(path), fields)
+
+
+def read_table(path: Path, fields=()):
+    """The rows of a hub data file: parquet (pyarrow) or JSONL."""
+    if Path(path).suffix != ".parquet":
+        return read_jsonl(path, fields)
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, pyarrow.ArrowException) as e:
+        raise UserError(f"{path} is not a readable parquet file ({e}): delete it from the HF cache to fetch it again") from e
+    return require_fields(path, rows, fields)
 
 
 def read_labels(path: Path):

@@ -24,7 +24,8 @@ class TaskResult:
 
 
 def resolve_tasks(names, data_dir=None):
-    """The Task objects and the data folder, checked before any model runs."""
+    """The Task objects and the local data folder (None: the hub), checked (the hub's files
+    fetched) before any model runs."""
     root = resolve_data_dir(data_dir)
     tasks = [get_task(n) for n in names]
     for task in tasks:
@@ -35,15 +36,17 @@ def resolve_tasks(names, data_dir=None):
 def run_task(task, scorer, root, limit=None, desc=None, progress=True) -> TaskResult:
     docs = list(islice(task.documents(root, scorer), limit))
     if not docs:
-        raise UserError(f"{task.name}: no documents in {root / task.files[0]}: check the file")
+        raise UserError(f"{task.name}: no documents in {task.source(root)}: check the file")
+    for number, doc in enumerate(docs, 1):
+        try:
+            task.validate(doc)
+        except (KeyError, IndexError, TypeError, ValueError) as e:  # from the record: our own bugs stay tracebacks
+            raise UserError(f"{task.name} document {number}: {type(e).__name__}: {e}: check that record") from e
     bar = Progress(len(docs), "doc", desc or task.name) if progress else None
     tokens, start = scorer.tokens, time.perf_counter()
     scores = []
     for number, doc in enumerate(docs, 1):
-        try:
-            score = task.process(scorer, doc)
-        except (KeyError, IndexError, TypeError, ValueError) as e:
-            raise UserError(f"{task.name} document {number}: {type(e).__name__}: {e}: check that record") from e
+        score = task.process(scorer, doc)
         if not all(math.isfinite(v) for v in score.values()):
             raise UserError(f"{task.name} document {number}: non-finite log-likelihood: check the model's weights")
         scores.append(score)

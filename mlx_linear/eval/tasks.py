@@ -3,8 +3,10 @@
 A task lists its data files, reads its documents, scores one document with a Scorer
 (log-likelihoods of (context, continuation) requests, or perplexity windows) and reduces
 the per-document scores to metrics. Prompts and metrics follow lm-evaluation-harness's
-zero-shot task configs. To add one, subclass MultipleChoice, LastWord or Perplexity and
-decorate it with @register_task (README, "Evaluation").
+zero-shot task configs. Data comes from a local folder when it holds the task's `files`, else
+from the Hugging Face hub file lm-evaluation-harness reads (`hub`), cached after the first run.
+To add one, subclass MultipleChoice, LastWord or Perplexity and decorate it with
+@register_task (README, "Evaluation").
 """
 
 import math
@@ -12,9 +14,10 @@ import random
 import re
 
 from mlx_linear.errors import UserError
+from mlx_linear.hub import HubFile
+from mlx_linear.registry import Registry
 
-from ..registry import Registry
-from .data import data_file, read_jsonl, read_labels
+from .data import HINT, data_file, read_jsonl, read_labels, read_table
 
 TASKS = Registry("task")
 register_task = TASKS.register
@@ -52,17 +55,48 @@ def mean(values):
 
 class Task:
     name = ""
-    files = ()  # relative to the data folder
+    files = ()  # relative to a local data folder
+    hub = None  # HubFile read when the folder (or none) lacks `files`
     metrics = ()  # reported, in this order
     primary = None  # the metric a benchmark average takes; None: not averaged
 
+    def is_local(self, root):
+        """The folder holds the task's files (a task that reads none, e.g. synthetic, needs no folder)."""
+        return not self.files or (root is not None and all((root / f).is_file() for f in self.files))
+
     def check(self, root):
-        for f in self.files:
-            data_file(root, f)
+        """Fails before any model runs: the local files, else the hub file (fetched now if not cached)."""
+        if not self.is_local(root):
+            self.hub_file(root)
+
+    def hub_file(self, root):
+        if self.hub is None:
+            where = f"{root / self.files[0]} is missing" if root is not None else f"needs {self.files[0]}"
+            raise UserError(f"{self.name}: {where} (the task has no hub copy): {HINT}")
+        return self.hub.download(self.name, f"connect once (it is cached after), or pass --data-dir DIR holding {self.files[0]}")
+
+    def read(self, root):
+        """The task's data: from the folder when it holds the task's files, else from the hub."""
+        return self.read_local(root) if self.is_local(root) else self.read_hub(self.hub_file(root))
+
+    def read_local(self, root):
+        raise NotImplementedError
+
+    def read_hub(self, path):
+        raise NotImplementedError
+
+    def source(self, root) -> str:
+        """Where the documents come from, for messages."""
+        if not self.files:
+            return self.name
+        return str(root / self.files[0]) if self.is_local(root) else str(self.hub)
 
     def documents(self, root, scorer):
         """Iterable of documents (the first `limit` are evaluated)."""
-        raise NotImplementedError
+        return self.read(root)
+
+    def validate(self, doc):
+        """Raise KeyError, IndexError, TypeError or ValueError for a malformed record, before any scoring."""
 
     def process(self, scorer, doc) -> dict:
         raise NotImplementedError
@@ -73,9 +107,17 @@ class Task:
 
 class JsonlTask(Task):
     fields = ()  # required in every record
+    hub_fields = ()  # required in every row of the hub file
 
-    def documents(self, root, scorer):
+    def read_local(self, root):
         return read_jsonl(data_file(root, self.files[0]), self.fields)
+
+    def read_hub(self, path):
+        return [self.from_hub(row) for row in read_table(path, self.hub_fields or self.fields)]
+
+    def from_hub(self, row) -> dict:
+        """A hub row as a record of the local format."""
+        return row
 
 
 class MultipleChoice(JsonlTask):
@@ -101,6 +143,9 @@ class MultipleChoice(JsonlTask):
     def requests(self, doc):
         return [(self.context(doc), self.delimiter + c) for c in self.choices(doc)]
 
+    def validate(self, doc):
+        self.score(doc, [0.0] * len(self.requests(doc)))  # reads every field scoring will read
+
     def process(self, scorer, doc):
         lls = [ll for ll, _ in scorer.loglikelihoods(self.requests(doc))]
         return self.score(doc, lls)
@@ -121,6 +166,9 @@ class LastWord(JsonlTask):
     metrics = ("acc", "ppl")
     primary = "acc"
 
+    def validate(self, doc):
+        doc["text"].rpartition(" ")
+
     def process(self, scorer, doc):
         context, _, word = doc["text"].rpartition(" ")  # = split(" ")[:-1] joined, and the last piece
         [(ll, greedy)] = scorer.loglikelihoods([(context, " " + word)])
@@ -136,12 +184,17 @@ class Perplexity(Task):
 
     metrics = ("ppl",)
 
-    def text(self, root):
+    def documents(self, root, scorer):
+        tokens = scorer.encode(self.read(root))
+        return ((tokens, span) for span in scorer.perplexity_spans(tokens))
+
+    def read_local(self, root):
         return data_file(root, self.files[0]).read_text(encoding="utf-8")
 
-    def documents(self, root, scorer):
-        tokens = scorer.encode(self.text(root))
-        return ((tokens, span) for span in scorer.perplexity_spans(tokens))
+    def read_hub(self, path):
+        """The raw text from the rows of a line-per-row table (HF wikitext): blank lines are empty
+        rows, left out as in the local file."""
+        return "".join(row["text"] for row in read_table(path, ("text",)))
 
     def process(self, scorer, doc):
         tokens, span = doc
@@ -169,11 +222,13 @@ class Perplexity(Task):
 class PIQA(MultipleChoice):
     name = "piqa"
     files = ("piqa/valid.jsonl", "piqa/valid-labels.lst")
+    hub = HubFile("baber/piqa", "piqa_validation.parquet")
     fields = ("goal", "sol1", "sol2")
+    hub_fields = (*fields, "label")
 
-    def documents(self, root, scorer):
+    def read_local(self, root):
         labels = read_labels(data_file(root, self.files[1]))
-        for number, doc in enumerate(super().documents(root, scorer), 1):
+        for number, doc in enumerate(super().read_local(root), 1):
             label = next(labels, None)
             if label is None:
                 raise UserError(f"{root / self.files[1]} has fewer labels than {self.files[0]} has lines ({number}+)")
@@ -193,7 +248,15 @@ class PIQA(MultipleChoice):
 class ARCEasy(MultipleChoice):
     name = "arc_easy"
     files = ("arc/arc_easy_test.jsonl",)
+    hub = HubFile("allenai/ai2_arc", "ARC-Easy/test-00000-of-00001.parquet")
     fields = ("question", "choices", "answer_idx")
+    hub_fields = ("question", "choices", "answerKey")
+
+    def from_hub(self, row):
+        """{choices: {text, label}, answerKey}: the answer is the index of its label (letters or digits)."""
+        labels = row["choices"]["label"]
+        return {"question": row["question"], "choices": row["choices"]["text"],
+                "answer_idx": labels.index(row["answerKey"])}
 
     def context(self, doc):
         return f"Question: {doc['question']}\nAnswer:"
@@ -207,15 +270,16 @@ class ARCEasy(MultipleChoice):
 
 @register_task
 class ARCChallenge(ARCEasy):
-    """Same format as ARC-Easy; no copy of its data is in ../shared/data yet."""
+    """Same format as ARC-Easy."""
 
     name = "arc_challenge"
     files = ("arc/arc_challenge_test.jsonl",)
+    hub = HubFile("allenai/ai2_arc", "ARC-Challenge/test-00000-of-00001.parquet")
     primary = "acc_norm"
 
 
 def clean_hellaswag(text):
-    """lm-eval's HellaSwag preprocessing (WikiHow artifacts); the shared file is mostly clean already."""
+    """lm-eval's HellaSwag preprocessing (WikiHow artifacts)."""
     text = text.strip().replace(" [title]", ". ")
     return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
 
@@ -224,8 +288,16 @@ def clean_hellaswag(text):
 class HellaSwag(MultipleChoice):
     name = "hellaswag"
     files = ("hellaswag/hellaswag_val.preprocessed.jsonl",)
+    # The hub repo's main holds a loading script; the hub's own parquet export holds the data.
+    hub = HubFile("Rowan/hellaswag", "default/validation/0000.parquet", revision="refs/convert/parquet")
     fields = ("query", "endings", "label")
+    hub_fields = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
     primary = "acc_norm"
+
+    def from_hub(self, row):
+        """lm-eval's query: activity label, then ctx_a and ctx_b with its first letter capitalized."""
+        context = row["ctx_a"] + " " + row["ctx_b"].capitalize()
+        return {"query": f"{row['activity_label']}: {context}", "endings": row["endings"], "label": row["label"]}
 
     def context(self, doc):
         return clean_hellaswag(doc["query"])
@@ -245,6 +317,7 @@ class Winogrande(MultipleChoice):
 
     name = "winogrande"
     files = ("winogrande/winogrande_dev.jsonl",)
+    hub = HubFile("allenai/winogrande", "winogrande_xl/validation-00000-of-00001.parquet")
     fields = ("sentence", "option1", "option2", "answer")
     metrics = ("acc",)
 
@@ -265,6 +338,7 @@ class MMLUCloze(MultipleChoice):
 
     name = "mmlu_cloze"
     files = ("mmlu/mmlu_test.jsonl",)
+    hub = HubFile("cais/mmlu", "all/test-00000-of-00001.parquet")
     fields = ("question", "subject", "choices", "answer")
 
     def context(self, doc):
@@ -282,12 +356,14 @@ class MMLUCloze(MultipleChoice):
 class Lambada(LastWord):
     name = "lambada"
     files = ("lambada/lambada_test.jsonl",)
+    hub = HubFile("EleutherAI/lambada_openai", "data/lambada_test.jsonl")
 
 
 @register_task
 class WikiText2(Perplexity):
     name = "wikitext2"
     files = ("wikitext2/wiki.test.raw.lf.txt",)
+    hub = HubFile("Salesforce/wikitext", "wikitext-2-raw-v1/test-00000-of-00001.parquet")
 
 
 @register_task
@@ -299,16 +375,15 @@ class TinyShakespeare(Perplexity):
 @register_task
 class HeldOutText(Perplexity):
     """General English held out of training: the records lora-train holds out of gentext/
-    (seed 0), so the model never trained on them."""
+    (seed 0), so the model never trained on them. Local only: it is this project's split."""
 
     name = "gentext"
     files = ("gentext",)
 
-    def check(self, root):
-        if not any((root / self.files[0]).glob("*.jsonl")):
-            raise UserError(f"{root / self.files[0]} has no *.jsonl files: put the training text there")
+    def is_local(self, root):
+        return root is not None and any((root / self.files[0]).glob("*.jsonl"))
 
-    def text(self, root):
+    def read_local(self, root):
         from ..train.data import load_source
 
         return "\n\n".join(r["text"] for r in load_source(root / self.files[0]).valid)

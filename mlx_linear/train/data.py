@@ -5,7 +5,6 @@ folder of *.jsonl files. Records are `text`, `messages` (chat) or `prompt`/`comp
 tokenized by mlx-lm's dataset classes; chat and completions train on the response only.
 """
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,33 +14,9 @@ import numpy as np
 from mlx_lm.tuner.datasets import create_dataset
 
 from ..errors import UserError
+from ..files import read_records
 
 FORMATS = {"text": ("text",), "chat": ("messages",), "completions": ("prompt", "completion")}
-
-
-def read_records(path: Path) -> list:
-    """JSON objects of a .jsonl file (or a .json list), with the line number in any error."""
-    if path.suffix == ".json":
-        try:
-            records = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e}): fix the file") from None
-        if not isinstance(records, list):
-            raise UserError(f"{path}: expected a JSON list of records: use JSONL, one object a line")
-        return records
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number}: not valid JSON ({e.msg}): fix or delete that line") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object with text, messages or prompt/completion")
-            records.append(record)
-    return records
 
 
 def record_format(path, records) -> str:

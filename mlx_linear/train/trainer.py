@@ -24,7 +24,7 @@ from ..adapters import (ADAPTER_FILE, adapter_weights, apply_lora, check_targets
 from ..errors import Interrupted, UserError
 from ..output_checks import disk_full_error
 from ..progress import Progress
-from ..utils import save_safetensors, write_json
+from ..files import save_safetensors, write_json
 from .data import Packer, sequences
 from .losses import make_loss
 
