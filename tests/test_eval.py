@@ -17,7 +17,7 @@ from mlx_linear.eval import evaluate
 from mlx_linear.eval.data import data_dir
 from mlx_linear.eval.runner import run_task
 from mlx_linear.eval.scoring import MODES, Scorer, encode, encode_pair, window_spans
-from mlx_linear.eval.tasks import get_task
+from mlx_linear.eval.tasks import get_task, lower_is_better
 from mlx_linear.model import base_architecture
 
 from conftest import ARCHITECTURES, TINY, tiny_model, tiny_tokenizer
@@ -329,7 +329,7 @@ def test_cli_side_by_side(folders, tiny_data, tmp_path):
     m, b, r = data["model"], data["baseline"], data["recovery"]
     for task, metrics in m.items():  # model / baseline, perplexity inverted; none for a zero baseline
         for metric, value in metrics.items():
-            kept, of = (b[task][metric], value) if metric == "ppl" else (value, b[task][metric])
+            kept, of = (b[task][metric], value) if lower_is_better(metric) else (value, b[task][metric])
             assert r[task][metric] == (pytest.approx(kept / of) if of else None), (task, metric)
     assert b["lambada"]["acc"] == 0 and r["lambada"]["acc"] is None  # a random model: the zero case runs
     # The library entry point on the loaded model gives the same numbers.
