@@ -19,7 +19,7 @@ def lolcats_model(model_type="llama", sinks=0, **options):
     return model
 
 
-def reference_lolcats(attn, x, sinks=0):
+def reference_lolcats(attn, x, sinks=0, half_life=0):
     """y_t = (g sum_win exp(s - max) v + sum_{s <= t-W} phi(q).phi(k) v) / (same without v)."""
     B, L, _ = x.shape
     H, Hkv, m = attn.n_heads, attn.n_kv_heads, attn.method
@@ -43,8 +43,8 @@ def reference_lolcats(attn, x, sinks=0):
         weights = g * mx.exp(scores - scores.max(-1, keepdims=True))
         numerator = (weights[..., None] * v[:, :, mx.array(old_sinks + recent)]).sum(2)
         denominator = weights.sum(-1, keepdims=True)
-        for u in range(t - WINDOW + 1):  # keys that left the window
-            a = (fq[:, :, t] * fk[:, :, u]).sum(-1, keepdims=True)
+        for u in range(t - WINDOW + 1):  # keys that left the window, decayed since they entered
+            a = (fq[:, :, t] * fk[:, :, u]).sum(-1, keepdims=True) * (0.5 ** ((t - WINDOW - u) / half_life) if half_life else 1)
             numerator, denominator = numerator + a * v[:, :, u], denominator + a
         outputs.append(numerator / denominator)
     return attn.o_proj(mx.stack(outputs, axis=2).transpose(0, 2, 1, 3).reshape(B, L, -1))
@@ -57,6 +57,14 @@ def test_follows_the_design(model_type, sinks):
     for L in (30, 12):
         x = mx.random.normal((2, L, TINY["hidden_size"]))
         assert mx.allclose(attn(x), reference_lolcats(attn, x, sinks), atol=1e-4).item()
+
+
+def test_half_life():
+    attn = lolcats_model(half_life=5.0).layers[0].self_attn
+    x = mx.random.normal((1, 30, TINY["hidden_size"]))
+    assert mx.allclose(attn(x), reference_lolcats(attn, x, half_life=5.0), atol=1e-4).item()
+    assert not mx.allclose(attn(x), reference_lolcats(attn, x), atol=1e-3).item()
+    assert_pieces_match_one_forward(lolcats_model(half_life=5.0), ([9, 3, 1, 10],))
 
 
 def test_gradients_follow_the_design():

@@ -10,6 +10,10 @@ one for k, starting at the first d/2 columns of the identity, applied after RoPE
 lives per query head. As in the released code, the linear term is not scaled by exp(-m_t).
 A key enters S when it leaves the window: the decode state keeps the last W keys' features
 and values (a queue, constant size) beside S. Sinks, if any, stay in the window's softmax.
+
+Option half_life (tokens, 0 = none, the paper's): S and z decay by 2^(-1/half_life) a token,
+so they stay bounded however long the sequence (without it z grows with the length and the
+linear term swamps the window past the lengths stage 1 trained on).
 """
 
 import math
@@ -32,10 +36,13 @@ class LoLCATs(LinearMethod):
     state_size = 3  # S (with z as its last column), then the queue of keys and values in the window
     needs_window_mass = True
 
-    def __init__(self, attention, window_factor=0.1):
+    def __init__(self, attention, window_factor=0.1, half_life=0.0):
         super().__init__(attention)
         if not 0 < window_factor < 1:
             raise ValueError(f"window_factor={window_factor}: the window's weight must lie strictly between 0 and 1")
+        if half_life < 0:
+            raise ValueError(f"half_life={half_life}: give a number of tokens, or 0 for no decay")
+        self.log_decay = -math.log(2) / half_life if half_life else 0.0
         H = attention.n_heads
         d = attention.q_proj.weight.shape[0] // H
         self.q_map = self.k_map = mx.broadcast_to(mx.eye(d)[:, : d // 2], (H, d, d // 2))
@@ -57,7 +64,7 @@ class LoLCATs(LinearMethod):
             None, mx.zeros((B, H, self.window, k.shape[-1])), mx.zeros((B, H, self.window, v.shape[-1])))
         keys, values = mx.concatenate([queued_k, k], axis=2), mx.concatenate([queued_v, v], axis=2)
         # Query t reads the state after key t - W, the first of `keys` for the first query.
-        output, S = self.scan(q, keys[:, :, :L], values[:, :, :L], mx.zeros((B, H, L, 1)), S)
+        output, S = self.scan(q, keys[:, :, :L], values[:, :, :L], mx.full((B, H, L, 1), self.log_decay), S)
         return output, [S, keys[:, :, -self.window :], values[:, :, -self.window :]]
 
     def mix(self, linear, window, window_mass=None):
