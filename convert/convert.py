@@ -1,32 +1,24 @@
 """Checkpoint (HF folder, hub id or GGUF) -> MLX folder with linearized attention."""
 
 import inspect
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.utils import quantize_model, save_config, save_model
+from mlx_lm.utils import quantize_model
 
-from mlx_linear import __version__
 from mlx_linear.errors import UserError
 from mlx_linear.methods import METHODS
 from mlx_linear.model import Linearization, base_architecture
-from mlx_linear.files import atomic_output
-from mlx_linear.output_checks import MARK, check_free_space, disk_full_error, prepare_model_output
-from mlx_linear.utils import get_model_classes
+from mlx_linear.output_checks import prepare_model_output
+from mlx_linear.utils import get_model_classes, write_model
 
 from . import hf
 from .bundled import bundled_gguf
 from .gguf import read_gguf
 
-MODEL_FILE = "mlx_linear_model.py"
-MODEL_FILE_SOURCE = '''"""Written by mlx-linear: lets stock mlx-lm load this folder (--trust-remote-code)."""
-
-from mlx_linear.model import Model, ModelArgs  # noqa: F401
-'''
 
 
 def read_source(hf_source=None, gguf=None, log=print):
@@ -110,33 +102,6 @@ def build_model(config, weights):
             )
     model.load_weights(list(weights.items()), strict=False)
     return model
-
-
-def materialize(model):
-    """Compute the output one layer at a time: each layer's source tensors are read, cast or
-    quantized, and freed before the next layer's are read (saving all at once reads them all)."""
-    for layer in model.layers:
-        mx.eval(layer.parameters())
-    mx.eval(model.parameters())
-
-
-def write_model(output, model, config, tokenizer, force=False, source_folder=None):
-    """An MLX model folder (weights, config, tokenizer, model_file), complete or not at all."""
-    output = Path(output).resolve()  # `-o .` has no name to put a temporary folder beside
-    check_free_space(output, sum(w.nbytes for _, w in tree_flatten(model.parameters())))
-    materialize(model)
-    try:
-        with atomic_output(output, force) as tmp:
-            save_model(tmp, model, donate_model=True)
-            if config.get("linearization"):
-                config["model_file"] = MODEL_FILE
-                (tmp / MODEL_FILE).write_text(MODEL_FILE_SOURCE)
-            save_config({**config, MARK: __version__}, tmp / "config.json")
-            tokenizer.save_pretrained(str(tmp))
-            if source_folder is not None and (Path(source_folder) / "generation_config.json").is_file():
-                shutil.copy(Path(source_folder) / "generation_config.json", tmp)
-    except OSError as e:
-        raise disk_full_error(output, e) from None
 
 
 def convert(

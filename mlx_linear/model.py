@@ -21,15 +21,15 @@ from .attention import LinearizedAttention
 from .methods import get_method
 
 # HF model_type -> mlx-lm module providing its blocks.
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+BASE_MODULES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
 def base_architecture(model_type: str):
-    if model_type not in ARCHITECTURES:
+    if model_type not in BASE_MODULES:
         raise ValueError(
-            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
+            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(BASE_MODULES))}"
         )
-    return importlib.import_module(f"mlx_lm.models.{ARCHITECTURES[model_type]}")
+    return importlib.import_module(f"mlx_lm.models.{BASE_MODULES[model_type]}")
 
 
 @dataclass

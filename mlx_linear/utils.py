@@ -1,16 +1,19 @@
-"""Loading converted folders (float32 on the CPU)."""
+"""Converted model folders: loading them (float32 on the CPU) and writing them (convert, fuse)."""
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
-from mlx_lm.utils import load_model, load_tokenizer
+from mlx_lm.utils import load_model, load_tokenizer, save_config, save_model
 
+from . import __version__
 from .errors import UserError
-from .files import read_safetensors
+from .files import atomic_output, read_safetensors
+from .output_checks import MARK, check_free_space, disk_full_error
 from .model import Model, ModelArgs, base_architecture
 
 
@@ -90,3 +93,37 @@ def load(path, adapter_path=None, dtype="auto", lazy=False):
         mx.eval(model.parameters())
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer
+
+
+MODEL_FILE = "mlx_linear_model.py"
+MODEL_FILE_SOURCE = '''"""Written by mlx-linear: lets stock mlx-lm load this folder (--trust-remote-code)."""
+
+from mlx_linear.model import Model, ModelArgs  # noqa: F401
+'''
+
+
+def materialize(model):
+    """Compute the output one layer at a time: each layer's source tensors are read, cast or
+    quantized, and freed before the next layer's are read (saving all at once reads them all)."""
+    for layer in model.layers:
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
+
+
+def write_model(output, model, config, tokenizer, force=False, source_folder=None):
+    """An MLX model folder (weights, config, tokenizer, model_file), complete or not at all."""
+    output = Path(output).resolve()  # `-o .` has no name to put a temporary folder beside
+    check_free_space(output, sum(w.nbytes for _, w in tree_flatten(model.parameters())))
+    materialize(model)
+    try:
+        with atomic_output(output, force) as tmp:
+            save_model(tmp, model, donate_model=True)
+            if config.get("linearization"):
+                config["model_file"] = MODEL_FILE
+                (tmp / MODEL_FILE).write_text(MODEL_FILE_SOURCE)
+            save_config({**config, MARK: __version__}, tmp / "config.json")
+            tokenizer.save_pretrained(str(tmp))
+            if source_folder is not None and (Path(source_folder) / "generation_config.json").is_file():
+                shutil.copy(Path(source_folder) / "generation_config.json", tmp)
+    except OSError as e:
+        raise disk_full_error(output, e) from None

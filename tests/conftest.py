@@ -35,7 +35,7 @@ TINY = {
     "tie_word_embeddings": False,
     "torch_dtype": "float32",
 }
-ARCHITECTURES = {
+TINY_CONFIGS = {
     "llama": {"architectures": ["LlamaForCausalLM"]},
     "mistral": {"architectures": ["MistralForCausalLM"], "tie_word_embeddings": False},
     "qwen2": {"architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": True},
@@ -47,7 +47,7 @@ def tiny_model(model_type="llama", seed=0, **linearization):
     """A random linearized model of the TINY shape (window 8)."""
     from mlx_linear.model import Model, ModelArgs
 
-    config = {"model_type": model_type, **TINY, **ARCHITECTURES[model_type]}
+    config = {"model_type": model_type, **TINY, **TINY_CONFIGS[model_type]}
     config["linearization"] = {"method": "liger-gla", "window": 8, **linearization}
     mx.random.seed(seed)
     model = Model(ModelArgs.from_dict(config))
@@ -136,7 +136,7 @@ def write_hf_checkpoint(folder, model_type, seed=0, **overrides):
     """A random checkpoint in HF format (config.json, model.safetensors, tokenizer)."""
     from mlx_linear.model import base_architecture
 
-    config = {"model_type": model_type, **TINY, **ARCHITECTURES[model_type], **overrides}
+    config = {"model_type": model_type, **TINY, **TINY_CONFIGS[model_type], **overrides}
     mx.random.seed(seed)
     arch = base_architecture(model_type)
     model = arch.Model(arch.ModelArgs.from_dict(config))
@@ -153,7 +153,7 @@ def write_hf_checkpoint(folder, model_type, seed=0, **overrides):
 @pytest.fixture(scope="session")
 def hf_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    return {arch: write_hf_checkpoint(root / arch, arch) for arch in ARCHITECTURES}
+    return {arch: write_hf_checkpoint(root / arch, arch) for arch in TINY_CONFIGS}
 
 
 @pytest.fixture(scope="session")

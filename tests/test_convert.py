@@ -15,7 +15,7 @@ from mlx_linear.convert import convert
 from mlx_linear.convert.gguf import unpermute
 from mlx_linear.errors import UserError
 
-from conftest import ARCHITECTURES, TINY, tiny_tokenizer, write_hf_checkpoint
+from conftest import TINY_CONFIGS, TINY, tiny_tokenizer, write_hf_checkpoint
 
 TOKENS = mx.array([[3, 17, 250, 9, 101, 44, 7, 300, 12, 5, 61, 2]])
 
@@ -24,7 +24,7 @@ def quiet(*args, **kwargs):
     return convert(*args, log=lambda m: None, **kwargs)
 
 
-@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@pytest.mark.parametrize("model_type", TINY_CONFIGS)
 def test_method_none_matches_mlx_lm(hf_checkpoints, tmp_path, model_type):
     out = quiet(tmp_path / "none", hf_source=str(hf_checkpoints[model_type]), method="none")
     model, tokenizer = mlx_linear.load(out)
@@ -34,7 +34,7 @@ def test_method_none_matches_mlx_lm(hf_checkpoints, tmp_path, model_type):
 
 
 @pytest.mark.parametrize("method", ["liger-gla", "lolcats"])
-@pytest.mark.parametrize("model_type", ARCHITECTURES)
+@pytest.mark.parametrize("model_type", TINY_CONFIGS)
 def test_liger_converts_and_runs(hf_checkpoints, tmp_path, model_type, method):
     out = quiet(tmp_path / "liger", hf_source=str(hf_checkpoints[model_type]), full_attention_every=2, method=method)
     config = json.loads((out / "config.json").read_text())
@@ -230,12 +230,12 @@ def test_output_dot_and_stale_partials(hf_checkpoints, tmp_path):
 
 SLOW_WRITE = """
 import importlib, sys, time
-convert = importlib.import_module("mlx_linear.convert.convert")
+utils = importlib.import_module("mlx_linear.utils")
 def save_model(folder, model, **kwargs):
     (folder / "model.safetensors").write_bytes(b"half")
     print("writing", flush=True)
     time.sleep(120)
-convert.save_model = save_model
+utils.save_model = save_model
 from mlx_linear.cli import main
 sys.argv = ["mlx_linear", "convert", *sys.argv[1:]]
 main()
@@ -275,11 +275,10 @@ def test_group_size_that_does_not_divide_a_layer(hf_checkpoints, tmp_path):
 
 
 def test_full_disk(hf_checkpoints, tmp_path, monkeypatch):
-    import importlib
     import shutil
     from collections import namedtuple
 
-    convert_module = importlib.import_module("mlx_linear.convert.convert")
+    import mlx_linear.utils
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
@@ -291,7 +290,7 @@ def test_full_disk(hf_checkpoints, tmp_path, monkeypatch):
         (folder / "model.safetensors").write_bytes(b"part")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(convert_module, "save_model", fill_up)
+    monkeypatch.setattr(mlx_linear.utils, "save_model", fill_up)
     with pytest.raises(UserError, match="disk filled up"):
         quiet(tmp_path / "o", hf_source=str(hf_checkpoints["llama"]))
     assert list(tmp_path.iterdir()) == []

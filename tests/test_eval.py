@@ -20,7 +20,7 @@ from mlx_linear.eval.scoring import MODES, Scorer, encode, encode_pair, window_s
 from mlx_linear.eval.tasks import get_task, lower_is_better
 from mlx_linear.model import base_architecture
 
-from conftest import ARCHITECTURES, TINY, tiny_model, tiny_tokenizer
+from conftest import TINY_CONFIGS, TINY, tiny_model, tiny_tokenizer
 
 
 def log_softmax(x):
@@ -50,7 +50,7 @@ def greedy_tokens(model, context, n):
 
 
 def plain_llama():
-    config = {"model_type": "llama", **TINY, **ARCHITECTURES["llama"]}
+    config = {"model_type": "llama", **TINY, **TINY_CONFIGS["llama"]}
     arch = base_architecture("llama")
     mx.random.seed(3)
     model = arch.Model(arch.ModelArgs.from_dict(config))

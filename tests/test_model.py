@@ -6,7 +6,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-from conftest import (ARCHITECTURES, TINY, assert_pieces_match_one_forward, cache_bytes, head_projections,
+from conftest import (TINY_CONFIGS, TINY, assert_pieces_match_one_forward, cache_bytes, head_projections,
                       incremental, tiny_model)
 
 
@@ -149,7 +149,7 @@ def test_softmax_mode_is_the_original_transformer():
 
     model = tiny_model()
     arch = base_architecture("llama")
-    config = {"model_type": "llama", **TINY, **ARCHITECTURES["llama"]}
+    config = {"model_type": "llama", **TINY, **TINY_CONFIGS["llama"]}
     original = arch.Model(arch.ModelArgs.from_dict(config))
     original.load_weights(tree_flatten(model.parameters()))
     tokens = mx.random.randint(0, TINY["vocab_size"], (1, 20))

@@ -4,9 +4,9 @@ import time
 
 import click
 
-from mlx_linear.cli import log
-from mlx_linear.errors import UserError
-from mlx_linear.files import write_json
+from ..cli import log
+from ..errors import UserError
+from ..files import write_json
 
 from .runner import DEFAULT_TASKS
 from .scoring import MODES

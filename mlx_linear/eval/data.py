@@ -4,8 +4,8 @@ that name the file and line of a bad record."""
 import os
 from pathlib import Path
 
-from mlx_linear.errors import UserError
-from mlx_linear.files import read_records
+from ..errors import UserError
+from ..files import read_records
 
 ENV = "MLX_LINEAR_DATA"
 HINT = f"pass --data-dir DIR or set {ENV} (formats: README, Evaluation)"

@@ -15,7 +15,7 @@ try:
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as e:
-    from mlx_linear.errors import UserError
+    from ..errors import UserError
 
     message = f"lm-evaluation-harness is not installed ({e}): pip install lm_eval"
     if __name__ == "__main__":

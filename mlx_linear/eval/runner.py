@@ -5,8 +5,8 @@ import time
 from dataclasses import dataclass
 from itertools import islice
 
-from mlx_linear.errors import UserError
-from mlx_linear.progress import Progress
+from ..errors import UserError
+from ..progress import Progress
 
 from .data import data_dir as resolve_data_dir
 from .scoring import Scorer

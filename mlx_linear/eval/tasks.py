@@ -13,9 +13,9 @@ import math
 import random
 import re
 
-from mlx_linear.errors import UserError
-from mlx_linear.hub import HubFile
-from mlx_linear.registry import Registry
+from ..errors import UserError
+from ..hub import HubFile
+from ..registry import Registry
 
 from .data import HINT, data_file, read_jsonl, read_labels, read_table
 

@@ -4,12 +4,10 @@ from mlx.utils import tree_unflatten
 from mlx_lm.utils import dequantize_model
 
 from ..output_checks import prepare_model_output
-from ..utils import load, read_config
+from ..utils import load, read_config, write_model
 
 
 def fuse(model_path, adapter_path, output, dequantize=False, force=False, log=print):
-    from mlx_linear.convert.convert import write_model
-
     output = prepare_model_output(output, force, sources=(model_path, adapter_path))
     config = read_config(model_path)
     model, tokenizer = load(model_path, adapter_path=adapter_path, dtype=None)
