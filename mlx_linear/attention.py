@@ -78,8 +78,8 @@ class LinearizedAttention(nn.Module):
         elif self.use_state:
             linear, state_cache.cache = self.method(q, k, v, rope, state_cache.cache, state_cache.make_mask(L))
             state_cache.advance(L)
-        sink_q = self.sink_queries(q, offset)
-        q, k = rope(q), rope(k)
+        rotated = rope(q)
+        sink_q, q, k = self.sink_queries(q, rotated, offset), rotated, rope(k)
         if isinstance(window_cache, RotatingKVCache):
             k, v = window_cache.update_and_fetch(k, v)
             keep_last(window_cache)
@@ -93,7 +93,7 @@ class LinearizedAttention(nn.Module):
         out = window if linear is None else self.method.mix(linear, window, mass)
         return self.o_proj(out.astype(x.dtype).transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-    def sink_queries(self, q, offset):
+    def sink_queries(self, q, rotated, offset):
         """Queries for the sink scores: past `window + sinks - 1` every query sees the sinks at
         that fixed distance, as if they lay just before its window (StreamingLLM's positions in
         the cache), so no query is ever further from them than at that position."""
@@ -103,8 +103,7 @@ class LinearizedAttention(nn.Module):
         fixed = self.rope(q[..., None, :], offset=horizon)[..., 0, :]  # every query at the horizon
         if offset >= horizon:
             return fixed
-        natural = self.rope(q, offset=offset)
-        return mx.where((offset + mx.arange(L) > horizon)[:, None], fixed, natural)
+        return mx.where((offset + mx.arange(L) > horizon)[:, None], fixed, rotated)
 
     def window_attention(self, q, k, v, offset, sink_q=None):
         """(output, mass or None). k, v: the cache's keys (sinks first, in temporal order)
