@@ -98,7 +98,7 @@ def main():
         print("original:", ", ".join(f"{p:.2f}" for p in result["original"]))
     RESULTS.mkdir(exist_ok=True)
     line_plot(RESULTS / f"{args.name}.png", [{"x": "tokens read before the block", "y": f"perplexity of the {args.block}-token block",
-              "series": series, "logy": True}], title=name)
+              "series": series, "logy": True}], title="one cache streamed through the text, against a fresh cache per block")
     print(f"wrote {write_json(args.name, result)}, {RESULTS / (args.name + '.png')}")
 
 
