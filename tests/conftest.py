@@ -55,17 +55,6 @@ def tiny_model(model_type="llama", seed=0, **linearization):
     return model
 
 
-def head_projections(attn, x):
-    """q (B, H, L, d), k and v (B, Hkv, L, d): the pretrained projections (and Qwen3 norms)."""
-    B, L, _ = x.shape
-    q = attn.q_proj(x).reshape(B, L, attn.n_heads, -1)
-    k = attn.k_proj(x).reshape(B, L, attn.n_kv_heads, -1)
-    v = attn.v_proj(x).reshape(B, L, attn.n_kv_heads, -1)
-    if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    return (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-
-
 def incremental(model, tokens, pieces):
     cache = model.make_cache()
     outputs, start = [], 0

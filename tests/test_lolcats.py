@@ -4,7 +4,7 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from conftest import TINY, assert_pieces_match_one_forward, cache_bytes, head_projections, tiny_model
+from conftest import TINY, assert_pieces_match_one_forward, cache_bytes, tiny_model
 
 WINDOW = 8
 
@@ -23,7 +23,7 @@ def reference_lolcats(attn, x, sinks=0, half_life=0):
     """y_t = (g sum_win exp(s - max) v + sum_{s <= t-W} phi(q).phi(k) v) / (same without v)."""
     B, L, _ = x.shape
     H, Hkv, m = attn.n_heads, attn.n_kv_heads, attn.method
-    q, k, v = head_projections(attn, x)
+    q, k, v = attn.project(x)  # the pretrained projections (and Qwen3 norms), per head
     k, v = mx.repeat(k, H // Hkv, axis=1), mx.repeat(v, H // Hkv, axis=1)
     qr, kr = attn.rope(q), attn.rope(k)
 

@@ -6,7 +6,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-from conftest import (TINY_CONFIGS, TINY, assert_pieces_match_one_forward, cache_bytes, head_projections,
+from conftest import (TINY_CONFIGS, TINY, assert_pieces_match_one_forward, cache_bytes,
                       incremental, tiny_model)
 
 
@@ -14,7 +14,7 @@ def reference_liger(attn, x, window, sinks=0, normalize=False, mix=0.5, maps=Non
     """Section 1 of the design file, token by token, with explicit GQA repetition."""
     B, L, _ = x.shape
     H, Hkv = attn.n_heads, attn.n_kv_heads
-    q, k, v = head_projections(attn, x)
+    q, k, v = attn.project(x)  # the pretrained projections (and Qwen3 norms), per head
     gate = mx.repeat(mx.exp(nn.log_sigmoid(k) / gate_normalizer), H // Hkv, axis=1)
     fq, fk = (q, k) if maps is None else (q @ maps[0], k @ maps[1])
     fq, fk = mx.softmax(fq, axis=-1), mx.repeat(mx.softmax(fk, axis=-1), H // Hkv, axis=1)
