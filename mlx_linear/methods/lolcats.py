@@ -3,17 +3,12 @@ softmax window and a linear attention over everything before it, under one denom
 
     y_t = (g sum_win exp(q.k / sqrt(d) - m_t) v + phi(q_t) S) / (g sum_win exp(q.k / sqrt(d) - m_t) + phi(q_t) z)
 
-m_t the window's largest score, g = sigmoid(w_h) per head (starting at 0.1); S and z sum
-phi(k_s) v_s and phi(k_s) over the keys that left the window (s <= t - W), with no decay.
-phi(x) = [softmax(x W), softmax(-x W)] (Hedgehog), one W (d x d/2) per query head for q and
-one for k, starting at the first d/2 columns of the identity, applied after RoPE; so the state
-lives per query head. As in the released code, the linear term is not scaled by exp(-m_t).
-A key enters S when it leaves the window: the decode state keeps the last W keys' features
-and values (a queue, constant size) beside S. Sinks, if any, stay in the window's softmax.
-
-Option half_life (tokens, 0 = none, the paper's): S and z decay by 2^(-1/half_life) a token,
-so they stay bounded however long the sequence (without it z grows with the length and the
-linear term swamps the window past the lengths stage 1 trained on).
+m_t the window's largest score (the linear term is not scaled by exp(-m_t), as in the code),
+g = sigmoid(w_h) per head, from 0.1; S, z sum phi(k_s) v_s and phi(k_s) over s <= t - W.
+phi(x) = [softmax(x W), softmax(-x W)] (Hedgehog), one W (d x d/2, from the identity's first
+d/2 columns) per query head for q and for k, after RoPE: the state lives per query head. A key
+enters S as it leaves the window, through a queue of the last W keys in the decode state.
+Option half_life (tokens; 0, the paper's: none): S and z decay by 2^(-1/half_life) a token.
 """
 
 import math
