@@ -44,14 +44,14 @@ class LoLCATs(LinearMethod):
         self.window_logit = mx.full((H, 1, 1), math.log(window_factor / (1 - window_factor)))
         self.window = attention.window
 
-    def features(self, q, k, v, rope):
+    def feature_maps(self, q, k, v, rope):
         groups = q.shape[1] // k.shape[1]
         k, v = mx.repeat(k, groups, axis=1), mx.repeat(v.astype(mx.float32), groups, axis=1)
         v = mx.concatenate([v, mx.ones(v.shape[:-1] + (1,))], axis=-1)  # carries z through the scan
         return hedgehog(rope(q), self.q_map), hedgehog(rope(k), self.k_map), v
 
     def __call__(self, q, k, v, rope, state=None, mask=None):
-        q, k, v = self.features(q, k, v, rope)
+        q, k, v = self.feature_maps(q, k, v, rope)
         if mask is not None:  # left padding never enters the state
             k, v = (mx.where(mask[:, None, :, None], x, 0) for x in (k, v))
         B, H, L, _ = k.shape
