@@ -19,7 +19,7 @@ def lolcats_model(model_type="llama", sinks=0, **options):
     return model
 
 
-def reference_lolcats(attn, x, sinks=0, half_life=0):
+def reference_lolcats(attn, x, sinks=0, half_life=0, after_rope=True):
     """y_t = (g sum_win exp(s - max) v + sum_{s <= t-W} phi(q).phi(k) v) / (same without v)."""
     B, L, _ = x.shape
     H, Hkv, m = attn.n_heads, attn.n_kv_heads, attn.method
@@ -31,7 +31,8 @@ def reference_lolcats(attn, x, sinks=0, half_life=0):
         y = x @ w
         return mx.concatenate([mx.softmax(y, axis=-1), mx.softmax(-y, axis=-1)], axis=-1)
 
-    fq, fk, g = phi(qr, m.q_map), phi(kr, m.k_map), mx.sigmoid(m.window_logit)[None, :, :, 0]
+    mapped_q, mapped_k = (qr, kr) if after_rope else (q, k)
+    fq, fk, g = phi(mapped_q, m.q_map), phi(mapped_k, m.k_map), mx.sigmoid(m.window_logit)[None, :, :, 0]
     d = q.shape[-1]
     outputs = []
     for t in range(L):
@@ -65,6 +66,15 @@ def test_half_life():
     assert mx.allclose(attn(x), reference_lolcats(attn, x, half_life=5.0), atol=1e-4).item()
     assert not mx.allclose(attn(x), reference_lolcats(attn, x), atol=1e-3).item()
     assert_pieces_match_one_forward(lolcats_model(half_life=5.0), ([9, 3, 1, 10],))
+
+
+def test_maps_before_rope():
+    """after_rope=False: the same form with phi of the unrotated q, k."""
+    attn = lolcats_model(after_rope=False).layers[0].self_attn
+    x = mx.random.normal((1, 30, TINY["hidden_size"]))
+    assert mx.allclose(attn(x), reference_lolcats(attn, x, after_rope=False), atol=1e-4).item()
+    assert not mx.allclose(attn(x), reference_lolcats(attn, x), atol=1e-3).item()
+    assert_pieces_match_one_forward(lolcats_model(after_rope=False), ([9, 3, 1, 10],))
 
 
 def test_gradients_follow_the_design():

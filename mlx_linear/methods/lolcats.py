@@ -5,10 +5,10 @@ softmax window and a linear attention over everything before it, under one denom
 
 m_t the window's largest score (the linear term is not scaled by exp(-m_t), as in the code),
 g = sigmoid(w_h) per head, from 0.1; S, z sum phi(k_s) v_s and phi(k_s) over s <= t - W.
-phi(x) = [softmax(x W), softmax(-x W)] (Hedgehog), one W (d x d/2, from the identity's first
-d/2 columns) per query head for q and for k, after RoPE: the state lives per query head. A key
-enters S as it leaves the window, through a queue of the last W keys in the decode state.
-Option half_life (tokens; 0, the paper's: none): S and z decay by 2^(-1/half_life) a token.
+phi(x) = [softmax(x W), softmax(-x W)] (Hedgehog), one W (d x d/2, from the identity's first d/2
+columns) per query head for q and for k, after RoPE. Keys enter S as they leave the window.
+Options: half_life (tokens; 0, the paper's: none): S and z decay by 2^(-1/half_life) a token;
+after_rope=false: the maps read q, k before RoPE, so phi(q).phi(k) holds at any position.
 """
 
 import math
@@ -28,18 +28,17 @@ def hedgehog(x, weights):
 @register
 class LoLCATs(LinearMethod):
     name = "lolcats"
-    state_size = 3  # S (with z as its last column), then the queue of keys and values in the window
+    state_size = 3  # S (z as its last column), the queue of keys and values in the window
     needs_window_mass = True
 
-    def __init__(self, attention, window_factor=0.1, half_life=0.0):
+    def __init__(self, attention, window_factor=0.1, half_life=0.0, after_rope=True):
         super().__init__(attention)
         if not 0 < window_factor < 1:
             raise ValueError(f"window_factor={window_factor}: the window's weight must lie strictly between 0 and 1")
         if half_life < 0:
             raise ValueError(f"half_life={half_life}: give a number of tokens, or 0 for no decay")
-        self.log_decay = -math.log(2) / half_life if half_life else 0.0
-        H = attention.n_heads
-        d = attention.q_proj.weight.shape[0] // H
+        self.log_decay, self.after_rope = -math.log(2) / half_life if half_life else 0.0, after_rope
+        H, d = attention.n_heads, attention.q_proj.weight.shape[0] // attention.n_heads
         self.q_map = self.k_map = mx.broadcast_to(mx.eye(d)[:, : d // 2], (H, d, d // 2))
         self.window_logit = mx.full((H, 1, 1), math.log(window_factor / (1 - window_factor)))
         self.window = attention.window
@@ -48,7 +47,8 @@ class LoLCATs(LinearMethod):
         groups = q.shape[1] // k.shape[1]
         k, v = mx.repeat(k, groups, axis=1), mx.repeat(v.astype(mx.float32), groups, axis=1)
         v = mx.concatenate([v, mx.ones(v.shape[:-1] + (1,))], axis=-1)  # carries z through the scan
-        return hedgehog(rope(q), self.q_map), hedgehog(rope(k), self.k_map), v
+        q, k = (rope(q), rope(k)) if self.after_rope else (q, k)
+        return hedgehog(q, self.q_map), hedgehog(k, self.k_map), v
 
     def __call__(self, q, k, v, rope, state=None, mask=None):
         q, k, v = self.feature_maps(q, k, v, rope)
