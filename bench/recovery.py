@@ -47,6 +47,9 @@ VARIANTS = {
     # update, so the factors get enough Adam steps), then LoRA with cross-entropy.
     "lolcats": ({"method": "lolcats", "sinks": 4}, {"objective": "ce", "method_lr": 1e-3},
                 {"method_lr": 1e-2, "grad_accumulation": 1}),
+    # The same with the maps before RoPE: a position-free linear term, for lengths past training.
+    "lolcats-pre-rope": ({"method": "lolcats", "sinks": 4, "options": {"after_rope": False}},
+                         {"objective": "ce", "method_lr": 1e-3}, {"method_lr": 1e-2, "grad_accumulation": 1}),
 }
 
 
