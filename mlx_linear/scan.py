@@ -78,25 +78,30 @@ def slot_recurrent(q, k, s, log_g, state=None):
     return _recurrent(slot_step, q, k, s, log_g, state)
 
 
+def _sub_chunks(g, sub):
+    """For each sub-chunk of the chunks: its start, its rows, the decays 2^(g_r - g_c) between its
+    rows (0 where c > r) and the log-gate of the row before it (None for the first)."""
+    causal = mx.tril(mx.ones((sub, sub), dtype=mx.bool_))[:, :, None]
+    for start in range(0, g.shape[-2], sub):
+        rows = slice(start, start + sub)
+        g_i = g[..., rows, :]
+        decay = exp2(mx.where(causal, g_i[..., :, None, :] - g_i[..., None, :, :], -mx.inf))
+        yield start, rows, decay, g[..., start - 1 : start, :] if start else None
+
+
 def _intra_chunk(q, k, v, g, sub):
     """Causal attention inside each chunk with decays 2^(g_r - g_c), every exponent <= 0.
 
     q (B, Hs, R, n, C, dk); k, g (B, Hs, n, C, dk); v (B, Hs, n, C, dv). Diagonal sub-chunks are
     computed element by element; earlier sub-chunks are referenced to the end of the previous one.
     """
-    C = k.shape[-2]
-    causal = mx.tril(mx.ones((sub, sub), dtype=mx.bool_))[:, :, None]
     outputs = []
-    for start in range(0, C, sub):
-        rows = slice(start, start + sub)
+    for start, rows, decay, ref in _sub_chunks(g, sub):
         q_i, g_i, v_i = q[..., rows, :], g[..., rows, :], v[..., rows, :]
-        diff = g_i[..., :, None, :] - g_i[..., None, :, :]
-        decay = exp2(mx.where(causal, diff, -mx.inf))
         k_diag = k[..., rows, :][..., None, :, :] * decay  # (B, Hs, n, s_r, s_c, dk)
         a_diag = q_i.transpose(0, 1, 3, 4, 2, 5) @ k_diag.swapaxes(-1, -2)
         o_i = a_diag.transpose(0, 1, 4, 2, 3, 5) @ v_i[:, :, None]
-        if start > 0:
-            ref = g[..., start - 1 : start, :]
+        if ref is not None:
             q_ref = q_i * exp2(g_i - ref)[:, :, None]
             k_ref = k[..., :start, :] * exp2(ref - g[..., :start, :])
             a_off = q_ref @ k_ref[:, :, None].swapaxes(-1, -2)
@@ -108,20 +113,14 @@ def _intra_chunk(q, k, v, g, sub):
 def _slot_intra_chunk(q, k, s, g, sub):
     """o[r, m] = sum_{c<=r} (q_r . k_c) s[c, m] 2^(g[r, m] - g[c, m]) inside each chunk, every exponent
     <= 0: _intra_chunk's sub-chunks and reference rows, with the decays on the slots m."""
-    C = k.shape[-2]
     scores = q @ k[:, :, None].swapaxes(-1, -2)  # (B, Hs, R, n, C, C)
-    causal = mx.tril(mx.ones((sub, sub), dtype=mx.bool_))[:, :, None]
     outputs = []
-    for start in range(0, C, sub):
-        rows = slice(start, start + sub)
-        g_i = g[..., rows, :]
-        decay = exp2(mx.where(causal, g_i[..., :, None, :] - g_i[..., None, :, :], -mx.inf))
+    for start, rows, decay, ref in _sub_chunks(g, sub):
         written = (decay * s[..., rows, :][..., None, :, :])[:, :, None]  # (B, Hs, 1, n, s_r, s_c, M)
         o_i = (scores[..., rows, rows, None] * written).sum(axis=-2)
-        if start > 0:
-            ref = g[..., start - 1 : start, :]
+        if ref is not None:
             s_ref = s[..., :start, :] * exp2(ref - g[..., :start, :])
-            o_i = o_i + (scores[..., rows, :start] @ s_ref[:, :, None]) * exp2(g_i - ref)[:, :, None]
+            o_i = o_i + (scores[..., rows, :start] @ s_ref[:, :, None]) * exp2(g[..., rows, :] - ref)[:, :, None]
         outputs.append(o_i)
     return mx.concatenate(outputs, axis=-2)
 
