@@ -47,6 +47,9 @@ VARIANTS = {
     # update, so the factors get enough Adam steps), then LoRA with cross-entropy.
     "lolcats": ({"method": "lolcats", "sinks": 4}, {"objective": "ce", "method_lr": 1e-3},
                 {"method_lr": 1e-2, "grad_accumulation": 1}),
+    # The paper's other gate forms, with ours' four sinks (they have no normaliser, mix or maps).
+    "liger-hgrn2": ({"method": "liger-hgrn2", "sinks": 4}, {"objective": "ce"}, None),
+    "liger-gsa": ({"method": "liger-gsa", "sinks": 4}, {"objective": "ce"}, None),
 }
 
 
