@@ -114,3 +114,11 @@ def test_strongly_negative_gates_do_not_overflow():
     current_only = mx.sum(q * k, axis=-1, keepdims=True) * v  # o_t = (q_t . k_t) v_t
     assert mx.allclose(o, current_only, atol=1e-5).item()
     assert mx.allclose(s[0, 0], k[0, 0, -1][:, None] * v[0, 0, -1][None], atol=1e-6).item()
+
+
+def test_slot_pass_with_strongly_negative_gates_does_not_overflow():
+    """Slot gates near exp(-60) for 2k steps: each slot holds the current token alone."""
+    q, k, s, _, _ = slot_inputs(1, 2, 1, 2000, 32, seed=6)
+    o, state = slot_chunked(q, k, s, mx.full(s.shape, -60.0))
+    assert mx.isfinite(o).all().item() and mx.isfinite(state).all().item()
+    assert mx.allclose(o, mx.sum(q * k, axis=-1, keepdims=True) * s, atol=1e-4, rtol=1e-4).item()
