@@ -47,9 +47,13 @@ VARIANTS = {
     # update, so the factors get enough Adam steps), then LoRA with cross-entropy.
     "lolcats": ({"method": "lolcats", "sinks": 4}, {"objective": "ce", "method_lr": 1e-3},
                 {"method_lr": 1e-2, "grad_accumulation": 1}),
-    # The same with the maps before RoPE: a position-free linear term, for lengths past training.
-    "lolcats-pre-rope": ({"method": "lolcats", "sinks": 4, "options": {"after_rope": False}},
-                         {"objective": "ce", "method_lr": 1e-3}, {"method_lr": 1e-2, "grad_accumulation": 1}),
+    # The same with the maps before RoPE (a position-free linear term) and a 256-token half-life.
+    "lolcats-pre-rope": ({"method": "lolcats", "sinks": 4, "options": {"after_rope": False, "half_life": 256}},
+                         {"objective": "ce", "method_lr": 1e-3, "grad_accumulation": 4},
+                         {"method_lr": 1e-2, "grad_accumulation": 1}),
+    # The paper's other gate forms, with ours' four sinks (they have no normaliser, mix or maps).
+    "liger-hgrn2": ({"method": "liger-hgrn2", "sinks": 4}, {"objective": "ce"}, None),
+    "liger-gsa": ({"method": "liger-gsa", "sinks": 4}, {"objective": "ce"}, None),
 }
 
 

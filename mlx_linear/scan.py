@@ -1,4 +1,4 @@
-"""Gated linear attention (GLA) scans in pure MLX.
+"""Gated linear attention (GLA) scans in pure MLX, and gated slot attention (GSA) built on them.
 
     S_t = diag(exp(log_g_t)) S_{t-1} + k_t^T v_t,    o_t = q_t S_t
 
@@ -8,6 +8,9 @@ head h // (H / Hs), as GQA does. log_g may have a last dimension of 1 (one decay
 The recurrent form is the oracle; the chunked form (design file, section 4) is what prefill and
 training use without Metal. Both keep the state in float32 and are differentiable. On an Apple
 GPU, gla_scan runs the Metal kernels of kernels.py instead.
+
+GSA's first pass gates the state's columns instead of its rows (slot_recurrent, slot_chunked);
+its second pass is gla_scan. See gsa_scan.
 """
 
 import mlx.core as mx
@@ -26,8 +29,8 @@ def exp2(x):
 
 
 def _group_queries(q, num_state_heads):
-    B, H, L, dk = q.shape
-    return q.reshape(B, num_state_heads, H // num_state_heads, L, dk)
+    """(B, H, ...) -> (B, Hs, H / Hs, ...): the query heads that read each state head."""
+    return q.reshape(q.shape[0], num_state_heads, q.shape[1] // num_state_heads, *q.shape[2:])
 
 
 def _initial_state(k, v, state):
@@ -44,8 +47,14 @@ def gla_step(q, k, v, log_g, state):
     return q @ state, state
 
 
-def gla_recurrent(q, k, v, log_g, state=None):
-    """Step through time; the oracle for every other implementation."""
+@mx.compile
+def slot_step(q, k, s, log_g, state):
+    """One token of GSA's first pass: log_g (B, Hs, M) decays the state's columns, the slots."""
+    state = state * mx.exp(log_g)[..., None, :] + k[..., :, None] * s[..., None, :]
+    return q @ state, state
+
+
+def _recurrent(step, q, k, v, log_g, state):
     B, H, L, _ = q.shape
     Hs, dv = k.shape[1], v.shape[-1]
     q = _group_queries(q, Hs).astype(mx.float32)
@@ -53,9 +62,31 @@ def gla_recurrent(q, k, v, log_g, state=None):
     state = _initial_state(k, v, state)
     outputs = []
     for t in range(L):
-        o, state = gla_step(q[:, :, :, t], k[:, :, t], v[:, :, t], log_g[:, :, t], state)
+        o, state = step(q[:, :, :, t], k[:, :, t], v[:, :, t], log_g[:, :, t], state)
         outputs.append(o)
     return mx.stack(outputs, axis=3).reshape(B, H, L, dv), state
+
+
+def gla_recurrent(q, k, v, log_g, state=None):
+    """Step through time; the oracle for every other implementation."""
+    return _recurrent(gla_step, q, k, v, log_g, state)
+
+
+def slot_recurrent(q, k, s, log_g, state=None):
+    """S_t = S_{t-1} diag(exp(log_g_t)) + k_t^T s_t, o_t = q_t S_t, with s and log_g (B, Hs, L, M)
+    and a (B, Hs, dk, M) state: the oracle of slot_chunked."""
+    return _recurrent(slot_step, q, k, s, log_g, state)
+
+
+def _sub_chunks(g, sub):
+    """For each sub-chunk of the chunks: its start, its rows, the decays 2^(g_r - g_c) between its
+    rows (0 where c > r) and the log-gate of the row before it (None for the first)."""
+    causal = mx.tril(mx.ones((sub, sub), dtype=mx.bool_))[:, :, None]
+    for start in range(0, g.shape[-2], sub):
+        rows = slice(start, start + sub)
+        g_i = g[..., rows, :]
+        decay = exp2(mx.where(causal, g_i[..., :, None, :] - g_i[..., None, :, :], -mx.inf))
+        yield start, rows, decay, g[..., start - 1 : start, :] if start else None
 
 
 def _intra_chunk(q, k, v, g, sub):
@@ -64,19 +95,13 @@ def _intra_chunk(q, k, v, g, sub):
     q (B, Hs, R, n, C, dk); k, g (B, Hs, n, C, dk); v (B, Hs, n, C, dv). Diagonal sub-chunks are
     computed element by element; earlier sub-chunks are referenced to the end of the previous one.
     """
-    C = k.shape[-2]
-    causal = mx.tril(mx.ones((sub, sub), dtype=mx.bool_))[:, :, None]
     outputs = []
-    for start in range(0, C, sub):
-        rows = slice(start, start + sub)
+    for start, rows, decay, ref in _sub_chunks(g, sub):
         q_i, g_i, v_i = q[..., rows, :], g[..., rows, :], v[..., rows, :]
-        diff = g_i[..., :, None, :] - g_i[..., None, :, :]
-        decay = exp2(mx.where(causal, diff, -mx.inf))
         k_diag = k[..., rows, :][..., None, :, :] * decay  # (B, Hs, n, s_r, s_c, dk)
         a_diag = q_i.transpose(0, 1, 3, 4, 2, 5) @ k_diag.swapaxes(-1, -2)
         o_i = a_diag.transpose(0, 1, 4, 2, 3, 5) @ v_i[:, :, None]
-        if start > 0:
-            ref = g[..., start - 1 : start, :]
+        if ref is not None:
             q_ref = q_i * exp2(g_i - ref)[:, :, None]
             k_ref = k[..., :start, :] * exp2(ref - g[..., :start, :])
             a_off = q_ref @ k_ref[:, :, None].swapaxes(-1, -2)
@@ -85,37 +110,67 @@ def _intra_chunk(q, k, v, g, sub):
     return mx.concatenate(outputs, axis=-2)
 
 
-def gla_chunked(q, k, v, log_g, state=None, chunk=CHUNK, sub_chunk=SUB_CHUNK):
-    """Chunk-parallel GLA: equal to gla_recurrent, with O(L) sequential work of L / chunk steps."""
-    B, H, L, dk = q.shape
-    Hs, dv = k.shape[1], v.shape[-1]
-    R = H // Hs
-    state = _initial_state(k, v, state)
-    q, k, v = (x.astype(mx.float32) for x in (q, k, v))
-    log_g = mx.broadcast_to(log_g.astype(mx.float32), k.shape)
-    pad = -L % chunk
-    if pad:
-        # Zero keys and unit gates leave the state untouched in the padding.
-        widths = [(0, 0), (0, 0), (0, pad), (0, 0)]
-        q, k, v, log_g = (mx.pad(x, widths) for x in (q, k, v, log_g))
-    n = (L + pad) // chunk
-    q = q.reshape(B, Hs, R, n, chunk, dk)
-    k = k.reshape(B, Hs, n, chunk, dk)
-    v = v.reshape(B, Hs, n, chunk, dv)
-    g = mx.cumsum(log_g.reshape(B, Hs, n, chunk, dk) * LOG2_E, axis=-2)  # base-2 log decays
+def _slot_intra_chunk(q, k, s, g, sub):
+    """o[r, m] = sum_{c<=r} (q_r . k_c) s[c, m] 2^(g[r, m] - g[c, m]) inside each chunk, every exponent
+    <= 0: _intra_chunk's sub-chunks and reference rows, with the decays on the slots m."""
+    scores = q @ k[:, :, None].swapaxes(-1, -2)  # (B, Hs, R, n, C, C)
+    outputs = []
+    for start, rows, decay, ref in _sub_chunks(g, sub):
+        written = (decay * s[..., rows, :][..., None, :, :])[:, :, None]  # (B, Hs, 1, n, s_r, s_c, M)
+        o_i = (scores[..., rows, rows, None] * written).sum(axis=-2)
+        if ref is not None:
+            s_ref = s[..., :start, :] * exp2(ref - g[..., :start, :])
+            o_i = o_i + (scores[..., rows, :start] @ s_ref[:, :, None]) * exp2(g[..., rows, :] - ref)[:, :, None]
+        outputs.append(o_i)
+    return mx.concatenate(outputs, axis=-2)
 
-    g_last = g[..., -1:, :]
-    chunk_states = (k * exp2(g_last - g)).swapaxes(-1, -2) @ v  # (B, Hs, n, dk, dv)
-    chunk_decays = exp2(g_last).swapaxes(-1, -2)  # (B, Hs, n, dk, 1)
+
+def _split_chunks(q, k, v, log_g, chunk, gated):
+    """float32 inputs padded to whole chunks, time split into (n, chunk), queries grouped by state
+    head, and the base-2 cumulative log-gate within each chunk (broadcast to `gated`'s shape)."""
+    pad = -q.shape[2] % chunk
+    log_g = mx.broadcast_to(log_g, gated.shape)
+    split = []
+    for x in (q, k, v, log_g):
+        # Zero keys and unit gates leave the state untouched in the padding.
+        x = mx.pad(x.astype(mx.float32), [(0, 0), (0, 0), (0, pad), (0, 0)]) if pad else x.astype(mx.float32)
+        split.append(x.reshape(*x.shape[:2], -1, chunk, x.shape[-1]))
+    q, k, v, g = split
+    return _group_queries(q, k.shape[1]), k, v, mx.cumsum(g * LOG2_E, axis=-2)
+
+
+def _carry(state, chunk_decays, chunk_states):
+    """The state entering each chunk, (B, Hs, 1, n, ...) to broadcast over query groups, and the last."""
     entering = []
-    for i in range(n):
+    for i in range(chunk_states.shape[2]):
         entering.append(state)
         state = chunk_decays[:, :, i] * state + chunk_states[:, :, i]
-    entering = mx.stack(entering, axis=2)[:, :, None]  # (B, Hs, 1, n, dk, dv)
+    return mx.stack(entering, axis=2)[:, :, None], state
 
-    o = (q * exp2(g)[:, :, None]) @ entering
-    o = o + _intra_chunk(q, k, v, g, sub_chunk)
-    return o.reshape(B, H, n * chunk, dv)[:, :, :L], state
+
+def gla_chunked(q, k, v, log_g, state=None, chunk=CHUNK, sub_chunk=SUB_CHUNK):
+    """Chunk-parallel GLA: equal to gla_recurrent, with O(L) sequential work of L / chunk steps."""
+    B, H, L, _ = q.shape
+    state = _initial_state(k, v, state)
+    q, k, v, g = _split_chunks(q, k, v, log_g, chunk, gated=k)
+    g_last = g[..., -1:, :]
+    chunk_states = (k * exp2(g_last - g)).swapaxes(-1, -2) @ v  # (B, Hs, n, dk, dv)
+    entering, state = _carry(state, exp2(g_last).swapaxes(-1, -2), chunk_states)
+    o = (q * exp2(g)[:, :, None]) @ entering + _intra_chunk(q, k, v, g, sub_chunk)
+    return o.reshape(B, H, -1, v.shape[-1])[:, :, :L], state
+
+
+def slot_chunked(q, k, s, log_g, state=None, chunk=CHUNK, sub_chunk=SUB_CHUNK):
+    """Chunk-parallel form of slot_recurrent: section 4 of the design file with the decays on the
+    state's columns, so the inter-chunk read is (q S_prev) * 2^G and the intra-chunk decays act on s."""
+    B, H, L, _ = q.shape
+    state = _initial_state(k, s, state)
+    q, k, s, g = _split_chunks(q, k, s, log_g, chunk, gated=s)
+    g_last = g[..., -1:, :]
+    chunk_states = k.swapaxes(-1, -2) @ (s * exp2(g_last - g))  # (B, Hs, n, dk, M)
+    entering, state = _carry(state, exp2(g_last), chunk_states)
+    o = (q @ entering) * exp2(g)[:, :, None] + _slot_intra_chunk(q, k, s, g, sub_chunk)
+    return o.reshape(B, H, -1, s.shape[-1])[:, :, :L], state
 
 
 def gla_scan(q, k, v, log_g, state=None):
@@ -127,3 +182,23 @@ def gla_scan(q, k, v, log_g, state=None):
     if q.shape[2] <= RECURRENT_MAX_LEN:
         return gla_recurrent(q, k, v, log_g, state)
     return gla_chunked(q, k, v, log_g, state)
+
+
+def slot_scan(q, k, s, log_g, state=None):
+    """Dispatch for GSA's first pass: MLX ops on every device (no kernel: gla_metal gates rows),
+    the recurrent loop for short inputs and the chunked form for the rest."""
+    if q.shape[2] <= RECURRENT_MAX_LEN:
+        return slot_recurrent(q, k, s, log_g, state)
+    return slot_chunked(q, k, s, log_g, state)
+
+
+def gsa_scan(q, k, v, s, log_g, key_state=None, value_state=None):
+    """Gated slot attention (fla's ops/gsa, scale 1): M slots per state head, one gate for both passes.
+
+    The keys write the slot weights s (B, Hs, L, M) into a (dk, M) memory that the queries read as
+    scores over the slots; their softmax reads, from a (M, dv) memory, the values s wrote there.
+    Returns (output, key_state, value_state). The second pass is gla_scan, so it runs the Metal kernels.
+    """
+    scores, key_state = slot_scan(q, k, s, log_g, key_state)
+    output, value_state = gla_scan(mx.softmax(scores, axis=-1), s, v, log_g, value_state)
+    return output, key_state, value_state

@@ -86,6 +86,42 @@ def cache_bytes(model, lengths=(20, 300)):
     return sizes
 
 
+def reference_window(attn, x, window, sinks=0):
+    """The window branch, token by token: softmax attention over the last `window` keys and the
+    first `sinks`, seen from at most window + sinks - 1 positions away (StreamingLLM)."""
+    H, Hkv = attn.n_heads, attn.n_kv_heads
+    q, k, v = attn.project(x)  # the pretrained projections (and Qwen3 norms), per head
+    k, v = mx.repeat(k, H // Hkv, axis=1), mx.repeat(v, H // Hkv, axis=1)
+    qr, kr, d = attn.rope(q), attn.rope(k), q.shape[-1]
+    outputs = []
+    for t in range(x.shape[1]):
+        recent = list(range(max(0, t - window + 1), t + 1))
+        seen = [u for u in range(min(sinks, t + 1)) if u not in recent] + recent
+        keys, values = kr[:, :, mx.array(seen)], v[:, :, mx.array(seen)]
+        q_sink = attn.rope(q[:, :, t : t + 1], offset=min(t, window + sinks - 1))
+        queries = [q_sink] * (len(seen) - len(recent)) + [qr[:, :, t : t + 1]] * len(recent)
+        scores = mx.concatenate([qi @ keys[:, :, i : i + 1].swapaxes(-1, -2) for i, qi in enumerate(queries)], -1)
+        scores = scores[:, :, 0] * d**-0.5
+        outputs.append((mx.softmax(scores, axis=-1)[:, :, None] @ values)[:, :, 0])
+    return mx.stack(outputs, axis=2)
+
+
+def mixed_output(attn, linear, window, mix=0.5):
+    """o_proj of mix * linear + (1 - mix) * window, both branches (B, H, L, d)."""
+    y = mix * linear + (1 - mix) * window
+    return attn.o_proj(y.transpose(0, 2, 1, 3).reshape(y.shape[0], y.shape[2], -1))
+
+
+def assert_follows(attn, reference, lengths=(30, 12)):
+    """attn(x) == reference(x) at a length of the chunked scan and one of the recurrent loop, and
+    so do the gradients of the input (through the gates, the scan and the window)."""
+    for L in lengths:
+        x = mx.random.normal((2, L, TINY["hidden_size"]))
+        assert mx.allclose(attn(x), reference(x), atol=1e-4).item(), L
+    grads = [mx.grad(lambda x: f(x).square().sum())(x) for f in (attn, reference)]
+    assert mx.allclose(*grads, atol=1e-4, rtol=1e-3).item()
+
+
 def make_inputs(B, H, Hs, L, d, seed):
     """Scan inputs: feature-mapped queries and keys, values, log gates in (-inf, 0), a state."""
     mx.random.seed(seed)

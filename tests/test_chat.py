@@ -39,6 +39,8 @@ def tiny(hf_checkpoints, tmp_path_factory):
         "liger": convert(root / "liger", hf_source=source, window=WINDOW, log=lambda m: None),
         "none": convert(root / "none", hf_source=source, method="none", log=lambda m: None),
         "other": convert(root / "other", hf_source=source, window=WINDOW + 1, log=lambda m: None),
+        **{method: convert(root / method, hf_source=source, window=WINDOW, method=method, log=lambda m: None)
+           for method in ("liger-hgrn2", "liger-gsa")},
     }
 
 
@@ -140,9 +142,9 @@ def test_template_mismatch_re_reads_the_whole_conversation(loaded):
 # State files and constant memory
 
 
-@pytest.mark.parametrize("ending", ["eos", "length"])
-def test_saved_state_has_a_constant_size_and_continues_exactly(loaded, tmp_path, ending):
-    model, tokenizer = loaded
+@pytest.mark.parametrize("method,ending", [("liger", "eos"), ("liger", "length"), ("liger-hgrn2", "eos"), ("liger-gsa", "length")])
+def test_saved_state_has_a_constant_size_and_continues_exactly(tiny, tmp_path, method, ending):
+    model, tokenizer = mlx_linear.load(tiny[method])
     session = ChatSession(model, tokenizer)
     take(session.reply("hello", max_tokens=40))
     short = session.save(tmp_path / "short")

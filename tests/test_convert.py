@@ -33,7 +33,7 @@ def test_method_none_matches_mlx_lm(hf_checkpoints, tmp_path, model_type):
     assert tokenizer.encode("the thin") == tiny_tokenizer().encode("the thin")
 
 
-@pytest.mark.parametrize("method", ["liger-gla", "lolcats"])
+@pytest.mark.parametrize("method", ["liger-gla", "lolcats", "liger-hgrn2", "liger-gsa"])
 @pytest.mark.parametrize("model_type", TINY_CONFIGS)
 def test_liger_converts_and_runs(hf_checkpoints, tmp_path, model_type, method):
     out = quiet(tmp_path / "liger", hf_source=str(hf_checkpoints[model_type]), full_attention_every=2, method=method)
@@ -313,6 +313,10 @@ def test_mismatched_weights_are_a_user_error(tmp_path):
     ("liger-gla", "gate_normalizer=0", ["gate_normalizer=0", "positive"]),
     ("lolcats", "window_factor=1", ["window_factor=1", "between 0 and 1"]),
     ("lolcats", "mix=0.5", ["no option 'mix'", "window_factor"]),
+    ("liger-hgrn2", "mix=0.5", ["no option 'mix'", "its options: none"]),
+    ("liger-gsa", "slots=-4", ["slots=-4", "whole number"]),
+    ("liger-gsa", "slots=2.5", ["slots=2.5", "whole number"]),
+    ("liger-gsa", "pool_size=8", ["no option 'pool_size'", "slots"]),
 ])
 def test_bad_method_options(hf_checkpoints, tmp_path, method, option, words):
     result = cli("--hf", str(hf_checkpoints["llama"]), "--method", method, "--method-option", option, "-o", str(tmp_path / "o"))

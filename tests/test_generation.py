@@ -8,10 +8,11 @@ import mlx_linear
 from mlx_linear.convert import convert
 
 
-@pytest.fixture(scope="module")
-def liger(hf_checkpoints, tmp_path_factory):
+@pytest.fixture(scope="module", params=["liger-gla", "liger-hgrn2", "liger-gsa"])
+def liger(hf_checkpoints, tmp_path_factory, request):
     out = tmp_path_factory.mktemp("gen") / "m"
-    return mlx_linear.load(convert(out, hf_source=str(hf_checkpoints["qwen2"]), window=8, log=lambda m: None))
+    return mlx_linear.load(convert(out, hf_source=str(hf_checkpoints["qwen2"]), window=8, method=request.param,
+                                   log=lambda m: None))
 
 
 def single(model, tokenizer, prompt, n):

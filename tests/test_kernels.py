@@ -73,9 +73,11 @@ def test_odd_head_dims_and_one_gate_per_head(emulated):
     assert_matches((q, k, v, log_g[..., :1], mx.random.normal((1, 2, 16, 65))))
 
 
-def test_model_with_kernels_equals_model_without(emulated, monkeypatch):
-    """Prefill, decode and a training gradient of a tiny Liger model (head dim 16)."""
-    model = tiny_model("llama")
+@pytest.mark.parametrize("method", ["liger-gla", "liger-hgrn2", "liger-gsa"])
+def test_model_with_kernels_equals_model_without(emulated, monkeypatch, method):
+    """Prefill, decode and a training gradient of a tiny Liger model (head dim 16); GSA's second pass
+    runs the kernels, its slot pass MLX ops."""
+    model = tiny_model("llama", method=method)
     tokens = mx.random.randint(0, 128, (1, 12), key=mx.random.key(3))
 
     def run():

@@ -83,11 +83,15 @@ def converted(hf_checkpoints, tmp_path_factory):
     data = root / "data" / "wikitext2"
     data.mkdir(parents=True)
     (data / "wiki.test.raw.lf.txt").write_text(word_text(400, seed=1))
-    return convert(root / "liger", window=8, **quiet), convert(root / "none", method="none", **quiet), root / "data"
+    linearized = {method: convert(root / method, window=8, method=method, **quiet)
+                  for method in ("liger-gla", "liger-hgrn2", "liger-gsa")}
+    return linearized, convert(root / "none", method="none", **quiet), root / "data"
 
 
-def test_cli_reports_the_state_switched_off(converted, tmp_path):
-    liger, none, data = converted
+@pytest.mark.parametrize("method", ["liger-gla", "liger-hgrn2", "liger-gsa"])
+def test_cli_reports_the_state_switched_off(converted, tmp_path, method):
+    linearized, none, data = converted
+    liger = linearized[method]
     out = tmp_path / "r.json"
     args = ["eval", "--model", liger, "--baseline", none, "--no-state", "--tasks", "wikitext2", "--data-dir", data,
             "--window", 100, "-o", out]

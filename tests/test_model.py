@@ -6,20 +6,25 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-from conftest import (TINY_CONFIGS, TINY, assert_pieces_match_one_forward, cache_bytes,
-                      incremental, tiny_model)
+from conftest import (TINY_CONFIGS, TINY, assert_follows, assert_pieces_match_one_forward, cache_bytes,
+                      incremental, mixed_output, reference_window, tiny_model)
 
 
-def reference_liger(attn, x, window, sinks=0, normalize=False, mix=0.5, maps=None, gate_normalizer=16):
-    """Section 1 of the design file, token by token, with explicit GQA repetition."""
+def hgrn2_gates(k):
+    """Liger-HGRN2: forget gate sigmoid(k), the key its complement (HGRN2's tied input gate)."""
+    return mx.sigmoid(k), 1 - mx.sigmoid(k)
+
+
+def reference_liger(attn, x, window, sinks=0, normalize=False, mix=0.5, maps=None, gate_normalizer=16, gates=None):
+    """Section 1 of the design file, token by token, with explicit GQA repetition. `gates`: k -> (gate,
+    key feature) for the other gate forms (Liger-GLA's otherwise)."""
     B, L, _ = x.shape
     H, Hkv = attn.n_heads, attn.n_kv_heads
     q, k, v = attn.project(x)  # the pretrained projections (and Qwen3 norms), per head
-    gate = mx.repeat(mx.exp(nn.log_sigmoid(k) / gate_normalizer), H // Hkv, axis=1)
     fq, fk = (q, k) if maps is None else (q @ maps[0], k @ maps[1])
-    fq, fk = mx.softmax(fq, axis=-1), mx.repeat(mx.softmax(fk, axis=-1), H // Hkv, axis=1)
-    k, v = mx.repeat(k, H // Hkv, axis=1), mx.repeat(v, H // Hkv, axis=1)
-    qr, kr = attn.rope(q), attn.rope(k)
+    gate, fk = gates(k) if gates else (mx.exp(nn.log_sigmoid(k) / gate_normalizer), mx.softmax(fk, axis=-1))
+    gate, fk, fq = mx.repeat(gate, H // Hkv, axis=1), mx.repeat(fk, H // Hkv, axis=1), mx.softmax(fq, axis=-1)
+    v = mx.repeat(v, H // Hkv, axis=1)
     d = q.shape[-1]
     S, z = mx.zeros((B, H, d, d)), mx.zeros((B, H, d))
     outputs = []
@@ -29,18 +34,8 @@ def reference_liger(attn, x, window, sinks=0, normalize=False, mix=0.5, maps=Non
         linear = (fq[:, :, t, None, :] @ S)[:, :, 0]
         if normalize:
             linear = linear / ((fq[:, :, t] * z).sum(-1, keepdims=True) + 1e-6)
-        recent = list(range(max(0, t - window + 1), t + 1))
-        seen = [u for u in range(min(sinks, t + 1)) if u not in recent] + recent
-        keys, values = kr[:, :, mx.array(seen)], v[:, :, mx.array(seen)]
-        # Sinks are seen from at most window + sinks - 1 positions away (StreamingLLM).
-        q_sink = attn.rope(q[:, :, t : t + 1], offset=min(t, window + sinks - 1))
-        queries = [q_sink] * (len(seen) - len(recent)) + [qr[:, :, t : t + 1]] * len(recent)
-        scores = mx.concatenate([qi @ keys[:, :, i : i + 1].swapaxes(-1, -2) for i, qi in enumerate(queries)], -1)
-        scores = scores[:, :, 0] * d**-0.5
-        softmax = (mx.softmax(scores, axis=-1)[:, :, None] @ values)[:, :, 0]
-        outputs.append(mix * linear + (1 - mix) * softmax)
-    y = mx.stack(outputs, axis=2).transpose(0, 2, 1, 3).reshape(B, L, -1)
-    return attn.o_proj(y)
+        outputs.append(linear)
+    return mixed_output(attn, mx.stack(outputs, axis=2), reference_window(attn, x, window, sinks), mix)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
@@ -50,6 +45,12 @@ def test_attention_follows_the_design(model_type, sinks):
     attn = model.layers[0].self_attn
     x = mx.random.normal((2, 30, TINY["hidden_size"]))
     assert mx.allclose(attn(x), reference_liger(attn, x, window=8, sinks=sinks), atol=1e-4).item()
+
+
+@pytest.mark.parametrize("model_type,sinks", [("llama", 0), ("qwen3", 2)])
+def test_hgrn2_follows_the_design(model_type, sinks):
+    attn = tiny_model(model_type, sinks=sinks, method="liger-hgrn2").layers[0].self_attn
+    assert_follows(attn, lambda x: reference_liger(attn, x, window=8, sinks=sinks, gates=hgrn2_gates))
 
 
 @pytest.mark.parametrize("learned_mix", [False, True])
@@ -125,6 +126,8 @@ SUPRA_MIXED = {"method": "supra", "options": {"mix": 0.5}}
 @pytest.mark.parametrize("model_type,full_attention_every,sinks,method", [
     ("llama", 0, 0, {}), ("qwen3", 0, 0, {}), ("llama", 2, 0, {}), ("llama", 0, 2, {}), ("qwen3", 2, 4, {}),
     ("llama", 0, 0, {"method": "supra"}), ("qwen3", 2, 2, SUPRA_MIXED),
+    ("qwen3", 2, 2, {"method": "liger-hgrn2"}), ("llama", 0, 2, {"method": "liger-gsa"}),
+    ("qwen3", 2, 0, {"method": "liger-gsa", "options": {"slots": 6}}),
 ])
 def test_prefill_pieces_then_decode_equals_full_forward(model_type, full_attention_every, sinks, method):
     """Window 8: pieces of 5, 9 and 1 then decode cross the window boundary several times."""
@@ -132,9 +135,13 @@ def test_prefill_pieces_then_decode_equals_full_forward(model_type, full_attenti
     assert_pieces_match_one_forward(model, ([5, 9, 1, 12], [9, 3, 1, 10]))  # a piece starting in the window, past it
 
 
-def test_cache_bytes_do_not_grow():
-    sizes = cache_bytes(tiny_model())
-    assert sizes[0] == sizes[1] > 0
+@pytest.mark.parametrize("method,memories", [("liger-gla", 1), ("liger-hgrn2", 1), ("liger-gsa", 2)])
+def test_cache_bytes_do_not_grow(method, memories):
+    """Per layer: `memories` d x d float32 states per KV head (GSA: keys into slots, slots into
+    values), and the window's keys and values."""
+    sizes = cache_bytes(tiny_model(method=method))
+    Hkv, d = TINY["num_key_value_heads"], TINY["head_dim"]
+    assert sizes[0] == sizes[1] == TINY["num_hidden_layers"] * 4 * Hkv * (memories * d * d + 2 * 8 * d)
 
 
 def test_liger_h_keeps_softmax_layers():
@@ -159,7 +166,7 @@ def test_softmax_mode_is_the_original_transformer():
     assert not mx.allclose(model(tokens), original(tokens), atol=1e-2).item()
 
 
-@pytest.mark.parametrize("method", [{}, {"method": "lolcats"}])
+@pytest.mark.parametrize("method", [{}, {"method": "lolcats"}, {"method": "liger-gsa"}])
 def test_prompt_cache_file_round_trip(tmp_path, method):
     model = tiny_model(**method)
     tokens = mx.random.randint(0, TINY["vocab_size"], (1, 30))
@@ -170,7 +177,8 @@ def test_prompt_cache_file_round_trip(tmp_path, method):
     assert mx.allclose(model(nxt, cache=cache), model(nxt, cache=loaded), atol=1e-6).item()
 
 
-@pytest.mark.parametrize("sinks,method", [(0, {}), (2, {}), (2, {"method": "lolcats"}), (2, SUPRA_MIXED)])
+@pytest.mark.parametrize("sinks,method", [(0, {}), (2, {}), (2, {"method": "lolcats"}), (2, SUPRA_MIXED),
+                                         (2, {"method": "liger-hgrn2"}), (0, {"method": "liger-gsa"})])
 def test_window_branch_ignores_the_absolute_position(sinks, method):
     """State off, every layer reads only its sinks and its window, so the last logits depend on
     the sinks' tokens and the last (layers x window) tokens, not on how far back the sinks are:

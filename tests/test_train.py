@@ -141,7 +141,11 @@ def run_train(model_path, sources, out, config, **kwargs):
     return state, mx.load(str(out / "last.safetensors"))
 
 
-def test_training_lowers_the_loss(data, tiny_liger, tmp_path):
+@pytest.mark.parametrize("method", ["liger-gla", "liger-hgrn2", "liger-gsa"])
+def test_training_lowers_the_loss(data, tiny_liger, hf_checkpoints, tmp_path, method):
+    if method != "liger-gla":  # with a softmax layer too (Liger-H)
+        tiny_liger = convert(tmp_path / "m", hf_source=str(hf_checkpoints["llama"]), window=8, method=method,
+                             full_attention_every=2, log=lambda m: None)
     state, _ = run_train(tiny_liger, [load_source(data["text"])], tmp_path / "a", small_config(iters=12, val_every=12))
     vals = [e["val"]["all"]["ce"] for e in state["log"] if "val" in e]
     assert vals[-1] < vals[0] - 0.5

@@ -27,8 +27,9 @@ class LinearMethod(nn.Module):
         """(q, k, v, log_gate) for the scan; `rope(x)` applies the layer's RoPE at its offset."""
         raise NotImplementedError
 
-    def scan(self, q, k, v, log_gate, state):
-        """Recurrent step for decode, chunked form for prefill and training (see scan.py)."""
+    def scan(self, q, k, v, log_gate, state=None):
+        """(output, *state): the recurrent step for decode, the chunked form for prefill and
+        training (see scan.py). It takes the `state_size` arrays of the decode state."""
         return gla_scan(q, k, v, log_gate, state)
 
     def readout(self, output):
@@ -50,5 +51,5 @@ class LinearMethod(nn.Module):
         if mask is not None:
             keep = mask[:, None, :, None]
             k, log_gate = mx.where(keep, k, 0), mx.where(keep, log_gate, 0)
-        output, scan_state = self.scan(q, k, v, log_gate, state[0] if state else None)
-        return self.readout(output), [scan_state]
+        output, *state = self.scan(q, k, v, log_gate, *(state or [None] * self.state_size))
+        return self.readout(output), state
