@@ -1,4 +1,5 @@
-"""Where a decode token's time goes: each op family of the step timed alone, over all layers.
+"""Where a decode token's time goes: each op family of the plain step timed alone, over all
+layers, beside the whole step, plain and compiled (mlx_linear/decode.py).
 
     python bench/decode_profile.py                  # the chat's default model, 256-token context
     python bench/decode_profile.py --model paper    # the paper's Liger-GLA recipe
@@ -85,17 +86,20 @@ def timed(build):
 
 def profile(model, cache, token, rounds):
     parts = families(model, cache, token)
-    times = {name: [] for name in [*parts, "graph building only", "whole step"]}
+    times = {name: [] for name in [*parts, "graph building only", "whole step", "whole step, compiled"]}
     for _ in range(rounds):
         for name, build in parts.items():
             times[name].append(timed(build))
+        model.compile_decode = False
         start = time.perf_counter()
         graph = model(token[None], cache=cache)
         times["graph building only"].append(time.perf_counter() - start)
         mx.eval(graph)
-        start = time.perf_counter()
-        whole_step(model, cache, token)
-        times["whole step"].append(time.perf_counter() - start)
+        for compiled, name in ((False, "whole step"), (True, "whole step, compiled")):
+            model.compile_decode = compiled
+            start = time.perf_counter()
+            whole_step(model, cache, token)
+            times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
@@ -107,8 +111,9 @@ def main():
     args = parser.parse_args()
     model, _ = load_bench_model(args.model)
     cache, token = prefilled(model, args.context)
+    whole_step(model, cache, token)  # traces the compiled step
     ms = profile(model, cache, token, args.rounds)
-    parts = sum(v for k, v in ms.items() if k not in ("graph building only", "whole step"))
+    parts = sum(v for k, v in ms.items() if not k.startswith(("graph building", "whole step")))
     ms["whole step beyond the families (scheduling, Python)"] = ms["whole step"] - parts
     for name, value in ms.items():
         print(f"{name:52s} {value:7.2f} ms  {value / ms['whole step']:6.1%}")

@@ -125,3 +125,23 @@ def test_4bit_dequantized_at_load_on_the_cpu(quantized):
     assert mx.allclose(kept(tokens), auto(tokens), atol=1e-4).item()
     (plain, _), (compiled, _) = decode_both_ways(auto)
     assert mx.allclose(plain, compiled, **EXACT).item()
+
+
+def test_generate_keeps_a_quantized_model_quantized_when_asked(quantized, monkeypatch):
+    from click.testing import CliRunner
+
+    from mlx_linear.chat import model as chat_model
+    from mlx_linear.cli import cli
+
+    seen, stock = [], chat_model.load
+
+    def load(*args, **kwargs):
+        model, tokenizer = stock(*args, **kwargs)
+        seen.append(any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()))
+        return model, tokenizer
+
+    monkeypatch.setattr(chat_model, "load", load)
+    for flags in ([], ["--keep-quantized"]):
+        result = CliRunner().invoke(cli, ["generate", "--model", str(quantized), "--raw", "--prompt", "the", "--max-tokens", "12", *flags])
+        assert result.exit_code == 0, result.output
+    assert seen == [False, True]
