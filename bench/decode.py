@@ -12,9 +12,9 @@ Bounds, measured in the same run: decode reads every weight once a token, so its
 the weights' bytes / the read bandwidth of a BLAS matrix-vector product over 512 MB (timed
 in every decode round); prefill's is the matrix FLOPs a token (2 x the layers' weights; the
 LM head runs for the last token only) / a float32 2048^3 matmul's rate (timed before each
-prefill). Every context is prefilled first (with its peak memory); decode is then timed in
-rounds over all contexts of all models, so the load of other jobs on a shared CPU falls on
-all alike. The original's prefill grows quadratically: a context it is predicted (or found)
+prefill). Every context is prefilled first (with its peak memory), the models in turn at each; decode
+is then timed in rounds over all contexts of all models, so the load of other jobs on a
+shared CPU falls on all alike. The original's prefill grows quadratically: a context it is predicted (or found)
 to need more than --budget seconds for is skipped, with larger ones, and the output says so.
 """
 
@@ -48,6 +48,7 @@ PREFILL_STEPS = {"none": 2048}
 GOAL_BOUND_DECODE, GOAL_BOUND_PREFILL, GOAL_PREFILL_FROM = 0.60, 0.50, 4096
 GOAL_VS_ORIGINAL, GOAL_VS_ORIGINAL_AT = 2.0, 1024
 GOAL_4BIT = 0.95  # 4-bit no slower than float32, 5% allowed for noise
+GOAL_FLAT, GOAL_FLAT_FROM = 0.10, 1024  # decode speed and peak memory from 1k on: within 10% of 1k's
 
 
 class OverBudget(Exception):
@@ -97,7 +98,7 @@ def prefill(model, context, budget, desc, prefill_step, steps_after):
         "context": context,
         "prefill_s": seconds,
         "prefill_tps": context / seconds,
-        "peak_memory_mb": (mx.get_peak_memory() - held) / 1e6,  # plus the weights: see run_prefills
+        "peak_memory_mb": (mx.get_peak_memory() - held) / 1e6,  # plus the weights: see prefill_context
         "prefill_bound_share": context * prefill_flops(model) / seconds / matmul_flops,
         "cache_mb": sum(c.nbytes for c in cache) / 1e6,
     }
@@ -113,32 +114,47 @@ def predicted_seconds(results, context):
     return tb * (context / b) ** power
 
 
-def run_prefills(name, model, contexts, steps_after, budget):
-    """Prefill every context in turn; (the model's summary, [(result, paused generator)])."""
-    weights_mb = weight_bytes(model) / 1e6
+def model_info(name, model, budget):
+    """The model's summary, after a warm-up prefill and decode."""
     step = PREFILL_STEPS.get(name, PREFILL_STEP)
     _, warm_up = prefill(model, 128, budget, f"{name} warm-up", step, 4)
     for _ in warm_up:
         pass
-    runs, stopped = [], None
-    for context in contexts:
-        guess = predicted_seconds([r for r, _ in runs], context)
-        if guess > budget:
-            stopped = f"stopped before {context} tokens: prefill predicted to take {guess:.0f} s > budget {budget:.0f} s"
-            break
-        try:
-            result, steps = prefill(model, context, budget, f"{name} {context}", step, steps_after)
-        except OverBudget as e:
-            stopped = f"stopped at {context} tokens: {e}"
-            break
-        result["peak_memory_mb"] += weights_mb
-        runs.append((result, steps))
-        print(f"{DESCRIPTIONS[name]:44s} {context:6d} tok | prefill {result['prefill_tps']:7.1f} tok/s", flush=True)
-    if stopped:
-        print(f"{DESCRIPTIONS[name]}: {stopped}", flush=True)
+    return {"name": DESCRIPTIONS[name], "prefill_step": step, "weight_bytes": weight_bytes(model), "stopped": None, "results": []}
+
+
+def prefill_context(info, model, context, steps_after, budget):
+    """(result, paused generator), or None with info["stopped"] saying why (the budget)."""
+    guess = predicted_seconds(info["results"], context)
+    if guess > budget:
+        info["stopped"] = f"stopped before {context} tokens: prefill predicted to take {guess:.0f} s > budget {budget:.0f} s"
+        return None
+    try:
+        result, steps = prefill(model, context, budget, f"{info['name']} {context}", info["prefill_step"], steps_after)
+    except OverBudget as e:
+        info["stopped"] = f"stopped at {context} tokens: {e}"
         mx.clear_cache()
-    info = {"name": DESCRIPTIONS[name], "prefill_step": step, "weights_mb": weights_mb, "stopped": stopped}
-    return info, runs
+        return None
+    result["peak_memory_mb"] += info["weight_bytes"] / 1e6
+    info["results"].append(result)
+    print(f"{info['name']:44s} {context:6d} tok | prefill {result['prefill_tps']:7.1f} tok/s", flush=True)
+    return result, steps
+
+
+def run_prefills(loaded, contexts, steps_after, budget):
+    """Every context of every model, the models interleaved at each context (so that other
+    jobs' load falls on all alike); ({name: summary}, [(result, paused generator, name)])."""
+    models = {name: model_info(name, model, budget) for name, (model, _) in loaded.items()}
+    runs = []
+    for context in contexts:
+        for name, (model, _) in loaded.items():
+            if models[name]["stopped"] is None:
+                run = prefill_context(models[name], model, context, steps_after, budget)
+                runs += [(*run, name)] if run else []
+    for info in models.values():
+        if info["stopped"]:
+            print(f"{info['name']}: {info['stopped']}", flush=True)
+    return models, runs
 
 
 def decode_rounds(runs, decode_tokens, rounds):
@@ -186,12 +202,23 @@ def share_goal(values, goal):
     return {"shares": values, "goal": goal, "met": bool(values) and min(values.values()) >= goal}
 
 
+def flat_goal(values):
+    """Deviations from the value at the smallest context from GOAL_FLAT_FROM (a shorter prompt
+    is prefilled in one smaller step, so its peak memory is lower)."""
+    values = {c: v for c, v in values.items() if c >= GOAL_FLAT_FROM}
+    first = values[min(values)] if values else None
+    deviations = {c: abs(v / first - 1) for c, v in values.items()}
+    return {"deviations": deviations, "goal": GOAL_FLAT, "met": bool(values) and max(deviations.values()) <= GOAL_FLAT}
+
+
 def goals(models):
-    """The issue's goals, for every converted model measured (ratios within this run)."""
+    """The goals, for every converted model measured (ratios within this run)."""
     report = {}
     for name in models:
         if name == "none":
             continue
+        for key in ("decode_tps", "peak_memory_mb"):
+            report[f"{name}: {key} flat within {GOAL_FLAT:.0%} from {GOAL_FLAT_FROM}"] = flat_goal(by_context(models, name, key))
         shares = by_context(models, name, "decode_bound_share")
         report[f"{name}: decode >= {GOAL_BOUND_DECODE:.0%} of the bandwidth bound"] = share_goal(shares, GOAL_BOUND_DECODE)
         prefill = {c: v for c, v in by_context(models, name, "prefill_bound_share").items() if c >= GOAL_PREFILL_FROM}
@@ -240,7 +267,7 @@ def print_tables(models, batched):
 
 def print_goals(report):
     for goal, g in report.items():
-        values = g.get("shares") or g.get("ratios") or {}
+        values = g.get("shares") or g.get("ratios") or g.get("deviations") or {}
         shown = ", ".join(f"{c}: {v:.2f}" for c, v in values.items()) or "not measured"
         print(f"goal {goal}: {shown}: {'met' if g['met'] else 'NOT met'}")
 
@@ -262,12 +289,7 @@ def main():
     batches = [1, 4] if args.quick else [int(b) for b in args.batches.split(",") if b]
     load = os.getloadavg()
     loaded = {name: load_bench_model(name) for name in args.models.split(",")}
-    models, runs = {}, []
-    for name, (model, _) in loaded.items():
-        models[name], model_runs = run_prefills(name, model, contexts, decode_tokens + args.rounds, args.budget)
-        models[name]["results"] = [result for result, _ in model_runs]
-        models[name]["weight_bytes"] = weight_bytes(model)
-        runs += [(result, steps, name) for result, steps in model_runs]
+    models, runs = run_prefills(loaded, contexts, decode_tokens + args.rounds, args.budget)
     seconds, bandwidths = decode_rounds([(r, s) for r, s, _ in runs], decode_tokens, args.rounds)
     bandwidth = statistics.median(bandwidths)
     for (result, _, name), times in zip(runs, seconds):
