@@ -130,6 +130,9 @@ class Model(nn.Module):
             return False
         if self.softmax_everywhere or not all(map(decode.is_steady, cache)):
             return False
+        # Flags the step reads as Python values when traced: other settings take the plain path.
+        if not all(layer.self_attn.use_state and not layer.self_attn.use_softmax for layer in self.layers):
+            return False
         windows = [c.caches[1] for c in cache]
         return len({(w.offset, w._idx) for w in windows}) == 1
 

@@ -79,6 +79,20 @@ def test_compiled_step_sees_changed_weights():
     assert mx.allclose(plain, compiled, **EXACT).item()
 
 
+def test_the_window_branch_alone_after_a_compiled_decode():
+    """use_state(False) (eval's "what the state adds") is read when the step is traced: turned
+    off mid-conversation, decoding must not go on with a step traced with the state on."""
+    model = tiny_model(**CHAT)
+    outputs = []
+    for compiled in (False, True):
+        model.compile_decode = compiled
+        model.use_state(True)
+        _, cache = incremental(model, TOKENS[:, :25], [12])
+        model.use_state(False)
+        outputs.append(mx.concatenate([model(TOKENS[:, t : t + 1], cache=cache) for t in range(25, 40)], axis=1))
+    assert mx.allclose(*outputs, **EXACT).item()
+
+
 def test_compiled_decode_after_a_saved_and_loaded_cache(tmp_path):
     """A state file (the chat's /save, /load) continues on the compiled step as on the plain one."""
     model = tiny_model(**CHAT)
