@@ -30,3 +30,30 @@ def write_json(name, data) -> Path:
     path = RESULTS / f"{name}.json"
     files.write_json(path, {"machine": machine(), **data})
     return path
+
+
+def median_seconds(run, repeats):
+    """The median wall time of `run()` (which evaluates what it computes)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def read_bandwidth(megabytes=512, repeats=5) -> float:
+    """Bytes/s a BLAS float32 matrix-vector product reads: what bounds a decode step, which
+    reads every weight once (MLX's own CPU reductions and copies read far slower)."""
+    cols = 8192
+    matrix = mx.random.normal((megabytes * 2**20 // (4 * cols), cols))
+    vector = mx.random.normal((1, cols))
+    mx.eval(matrix, vector)
+    return matrix.nbytes / median_seconds(lambda: mx.eval(vector @ matrix.T), repeats)
+
+
+def matmul_rate(n=2048, repeats=3) -> float:
+    """FLOP/s of a float32 n x n matrix product: what bounds a prefill."""
+    a = mx.random.normal((n, n))
+    mx.eval(a)
+    return 2 * n**3 / median_seconds(lambda: mx.eval(a @ a), repeats)

@@ -22,6 +22,8 @@ PROGRESS_FROM = 2048  # prompt tokens: shorter prefills finish before a progress
 
 
 def model_options(f):
+    f = click.option("--keep-quantized", is_flag=True,
+                     help="Run a quantized model quantized on the CPU too [dequantized at load there: ~30x faster].")(f)
     f = click.option("--adapter", type=click.Path(), help="LoRA adapter folder (mlx_linear lora-train -o).")(f)
     return click.option(
         "--model", type=click.Path(), help="Converted model folder [the bundled SmolLM2, converted once]."
@@ -44,14 +46,14 @@ def generation_options(f):
     return f
 
 
-def setup(model, adapter, seed, temp, top_p, top_k, min_p, repetition_penalty):
+def setup(model, adapter, keep_quantized, seed, temp, top_p, top_k, min_p, repetition_penalty):
     """(model, tokenizer, name, sampling kwargs)."""
     import mlx.core as mx
 
     from .model import load_chat_model
     from .session import sampling
 
-    loaded = load_chat_model(model, adapter, log=log)
+    loaded = load_chat_model(model, adapter, log=log, dequantize=False if keep_quantized else "auto")
     mx.random.seed(seed)  # after loading: building a model draws random initial weights
     return (*loaded, sampling(temp, top_p, top_k, min_p, repetition_penalty))
 

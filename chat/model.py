@@ -30,8 +30,9 @@ def bundled_adapter(name=BUNDLED_ADAPTER):
     return None
 
 
-def load_chat_model(model=None, adapter=None, log=print):
-    """(model, tokenizer, name); no `model`: the bundled SmolLM2, converted once, with its adapter."""
+def load_chat_model(model=None, adapter=None, log=print, dequantize="auto"):
+    """(model, tokenizer, name); no `model`: the bundled SmolLM2, converted once, with its adapter.
+    `dequantize`: see mlx_linear.utils.dequantizes."""
     if model is None:
         if adapter is None:
             adapter = bundled_adapter()
@@ -41,7 +42,7 @@ def load_chat_model(model=None, adapter=None, log=print):
         conversion = json.loads(conversion_file.read_text()) if adapter and conversion_file.is_file() else {}
         model = bundled_model(log=log, **conversion)
     name = Path(model).name + (f" + {Path(adapter).name}" if adapter else "")
-    return (*load(model, adapter_path=adapter), name)
+    return (*load(model, adapter_path=adapter, dequantize=dequantize), name)
 
 
 def fingerprint(model, samples=256) -> str:

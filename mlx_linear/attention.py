@@ -12,6 +12,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import RotatingKVCache
 
+from .decode import StepCache
 from .window import attention_step, sliding_window_attention
 
 PRETRAINED = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
@@ -64,6 +65,8 @@ class LinearizedAttention(nn.Module):
             if self.recorder is not None:  # the teacher's attention, for attention transfer
                 self.recorder((x, out))
             return out
+        if isinstance(cache, StepCache):
+            return self.decode_step(x, cache)
         B, L, _ = x.shape
         q, k, v = self.project(x)
         state_cache, window_cache = cache if cache is not None else (None, None)
@@ -90,8 +93,29 @@ class LinearizedAttention(nn.Module):
             k, v = window_cache.update_and_fetch(k, v)
             window = scaled_dot_product_attention(q, k, v, cache=window_cache, scale=self.scale, mask=mask)
             mass = None
+        return self.output(x, linear, window, mass)
+
+    def output(self, x, linear, window, mass):
+        """The mixed branches through the output projection."""
+        B, L, _ = x.shape
         out = window if linear is None else self.method.mix(linear, window, mass)
         return self.o_proj(out.astype(x.dtype).transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def decode_step(self, x, cache):
+        """One token once the window cache is full (decode.py compiles it): __call__'s decode
+        path on a StepCache, whose position and ring-buffer slot are arrays."""
+        q, k, v = self.project(x)
+
+        def rope(t):
+            return self.rope(t, offset=cache.offset)
+
+        linear = None
+        if self.use_state:
+            linear, cache.state = self.method(q, k, v, rope, cache.state)
+        cache.write(rope(k), v)
+        sink_q = self.fixed_sink_queries(q) if self.sinks else None
+        window, mass = self.window_attention(rope(q), cache.keys, cache.values, None, sink_q)
+        return self.output(x, linear, window, mass)
 
     def sink_queries(self, q, rotated, offset):
         """Queries for the sink scores: past `window + sinks - 1` every query sees the sinks at
@@ -100,10 +124,14 @@ class LinearizedAttention(nn.Module):
         horizon, L = self.window + self.sinks - 1, q.shape[2]
         if not self.sinks or offset + L - 1 <= horizon:
             return None
-        fixed = self.rope(q[..., None, :], offset=horizon)[..., 0, :]  # every query at the horizon
+        fixed = self.fixed_sink_queries(q)
         if offset >= horizon:
             return fixed
         return mx.where((offset + mx.arange(L) > horizon)[:, None], fixed, rotated)
+
+    def fixed_sink_queries(self, q):
+        """Every query rotated to the horizon, `window + sinks - 1`."""
+        return self.rope(q[..., None, :], offset=self.window + self.sinks - 1)[..., 0, :]
 
     def window_attention(self, q, k, v, offset, sink_q=None):
         """(output, mass or None). k, v: the cache's keys (sinks first, in temporal order)

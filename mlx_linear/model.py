@@ -17,6 +17,7 @@ from mlx_lm.models.base import BaseModelArgs, create_attention_mask
 from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, RotatingKVCache
 from mlx_lm.tuner.lora import LoRALinear
 
+from . import decode
 from .attention import LinearizedAttention
 from .methods import get_method
 
@@ -76,6 +77,8 @@ class Model(nn.Module):
         self.linear_layers = [lin.is_linear(i) for i in range(len(self.layers))]
         self.full_index = self.linear_layers.index(False) if False in self.linear_layers else None
         self.softmax_everywhere = False
+        self.compile_decode = True  # False: every decode step takes the plain path
+        self._decode_step = None  # decode.step_function(self), built at the first steady step
 
     def use_softmax_attention(self, enabled: bool = True):
         """Run every layer as the original softmax attention (the same weights, no cache)."""
@@ -112,10 +115,26 @@ class Model(nn.Module):
                 attn.recorder = None
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None):
+        if input_embeddings is None and self.decodes_compiled(inputs, cache):
+            if self._decode_step is None:
+                self._decode_step = decode.step_function(self)
+            return decode.decode(self, self._decode_step, inputs, cache)
         h = self.hidden_states(inputs, cache, input_embeddings)
         if hasattr(self, "lm_head"):
             return self.lm_head(h)
         return self.model.embed_tokens.as_linear(h)
+
+    def decodes_compiled(self, inputs, cache) -> bool:
+        """Whether this call is a decode step the compiled function takes (see decode.py)."""
+        if not self.compile_decode or cache is None or inputs.shape[1] != 1 or not all(self.linear_layers):
+            return False
+        if self.softmax_everywhere or not all(map(decode.is_steady, cache)):
+            return False
+        # Flags the step reads as Python values when traced: other settings take the plain path.
+        if not all(layer.self_attn.use_state and not layer.self_attn.use_softmax for layer in self.layers):
+            return False
+        windows = [c.caches[1] for c in cache]
+        return len({(w.offset, w._idx) for w in windows}) == 1
 
     def hidden_states(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None):
         """The last layer's normalised output, before the LM head."""

@@ -60,7 +60,7 @@ def lora_train(model, data, data_weights, output, **options):
     config = TrainConfig(lora_targets=targets, lora_scale=alpha / options["lora_rank"], objective=objective, **options)
     config.updates  # a missing budget fails before any loading
     sources = [load_source(d, w, seed=config.seed) for d, w in zip(data, parse_weights(data, data_weights))]
-    model_obj, tokenizer = load(model)
+    model_obj, tokenizer = load(model, dequantize=False)  # QLoRA: train on the quantized weights
     state = train(model_obj, tokenizer, sources, config, output, resume=resume, force=force, log=log)
     log(f"done: {state['update']} updates, {state['tokens']} tokens; best validation loss {state['best_val']:.4f} "
         f"at update {state['best_update']}; adapter in {output}")
