@@ -20,6 +20,8 @@ RECIPES = {
     "lolcats before rope": {"method": "lolcats", "options": {"after_rope": False}},
     "supra": {"method": "supra"},
     "supra sinks": {"method": "supra", "sinks": 3},
+    "liger-hgrn2": {"method": "liger-hgrn2"},
+    "liger-gsa sinks": {"method": "liger-gsa", "sinks": 2},
 }
 TOKENS = mx.random.randint(0, TINY["vocab_size"], (1, 40), key=mx.random.key(3))
 EXACT = {"rtol": 1e-6, "atol": 1e-6}  # float32 rounding: compilation may fuse elementwise ops
