@@ -11,7 +11,7 @@ from mlx_linear.chat.model import CONVERSION_FILE, bundled_adapter
 from mlx_linear.convert import bundled_model
 
 DESCRIPTIONS = {
-    "chat": "chat default (sinks, normaliser, maps, LoRA)",
+    "chat": "chat default (the packaged adapter)",
     "chat-plain": "chat default, plain decode step",
     "paper": "Liger-GLA (paper's recipe)",
     "chat-4bit": "chat default, 4-bit (dequantized at load)",

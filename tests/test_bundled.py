@@ -42,4 +42,4 @@ def test_the_default_chat_model_is_converted_as_the_adapter_says(monkeypatch, tm
     packaged = chat_model.bundled_adapter()
     chat_model.load_chat_model(log=print)
     assert calls[0] == {"method": "supra", "sinks": 2}
-    assert calls[1] == json.loads((packaged / "conversion.json").read_text()) and calls[1]["method"] == "liger-gla"
+    assert calls[1] == json.loads((packaged / "conversion.json").read_text()) and calls[1]["method"] in packaged.name

@@ -392,6 +392,17 @@ def test_terminal_ctrl_c_stops_the_reply_and_keeps_the_chat(tiny):
     assert child.exitstatus == 0
 
 
+def bundled_state_bytes(conversion):
+    """SmolLM2's cache by hand, float32, 30 layers of 9 query and 3 KV heads of dimension 64:
+    the window's keys and values (sinks included) and the method's state."""
+    window = 2 * (64 + conversion.get("sinks", 0)) * 3 * 64 * 4
+    if conversion.get("method") == "lolcats":  # per query head: S (z its last column), the queued phi(k) and v, z
+        state = 9 * 64 * 65 * 4 + 9 * 64 * (64 + 65) * 4
+    else:  # per KV head: S, and the normaliser's sum if any
+        state = 3 * 64 * 64 * 4 + (3 * 64 * 4 if conversion.get("options", {}).get("normalize") else 0)
+    return 30 * (window + state)
+
+
 def test_terminal_default_model_is_the_bundled_one_with_its_adapter(smollm_gguf, tmp_path):
     """The real SmolLM2: the default converts the bundled GGUF as the packaged adapter's
     conversion.json says (here into an empty cache) and loads that adapter."""
@@ -401,14 +412,9 @@ def test_terminal_default_model_is_the_bundled_one_with_its_adapter(smollm_gguf,
     if packaged is None:
         assert NO_ADAPTER_NOTE in child.before
     else:
-        assert "chatting with smollm2-135m-instruct-liger-gla-" in child.before
+        assert f"chatting with smollm2-135m-instruct-{conversion['method']}-" in child.before
         assert f" + {packaged.name}" in child.before
     assert "Paris" in say(child, "What is the capital of France?")
-    # Per layer, 3 KV heads of dimension 64: the state, its normaliser if any, the window's keys
-    # and values (sinks included)
-    normaliser = 3 * 64 * 4 if conversion.get("options", {}).get("normalize") else 0
-    slots = 64 + conversion.get("sinks", 0)
-    state_bytes = 30 * (3 * 64 * 64 * 4 + normaliser + 2 * slots * 3 * 64 * 4)
-    assert stats(child)[1].startswith(f"{state_bytes:,} bytes")
+    assert stats(child)[1].startswith(f"{bundled_state_bytes(conversion):,} bytes")
     child.sendline("/quit")
     child.expect(pexpect.EOF)

@@ -18,6 +18,7 @@ RECIPES = {
     "lolcats": {"method": "lolcats"},
     "lolcats sinks": {"method": "lolcats", "sinks": 2},
     "lolcats before rope": {"method": "lolcats", "options": {"after_rope": False}},
+    "lolcats chat recipe": {"method": "lolcats", "sinks": 2, "options": {"after_rope": False, "half_life": 256}},
     "supra": {"method": "supra"},
     "supra sinks": {"method": "supra", "sinks": 3},
     "liger-hgrn2": {"method": "liger-hgrn2"},

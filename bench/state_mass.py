@@ -1,0 +1,86 @@
+"""How much weight does a LoLCATs model give its recurrent state, against how much attention the
+original puts beyond the window? On the original's hidden states (layer-local, as attention
+transfer sees them), for every query of a WikiText-2 window, by position bucket:
+
+- the original's softmax mass on keys outside the sinks and the last `window` tokens;
+- the model's share of the shared denominator held by the linear term,
+  phi(q) z / (g * window mass + phi(q) z).
+
+    python bench/state_mass.py --model <lolcats folder> --adapter <adapter> --tokens 2048
+
+If the second is far below the first, the state is underweighted whatever it holds.
+Writes bench/results/state_mass.json and state_mass.png (both by layer).
+"""
+
+import argparse
+
+from common import RESULTS, SHARED_DATA, write_json
+
+import mlx.core as mx
+
+import mlx_linear
+from mlx_linear.plot import line_plot
+
+BUCKETS = ((64, 256), (256, 1024), (1024, 4096))
+
+
+def beyond_window_mass(attn, q, k):
+    """The original's attention mass outside the sinks and the window, per query (B, H, L)."""
+    q, k = attn.rope(q), mx.repeat(attn.rope(k), q.shape[1] // k.shape[1], axis=1)
+    L = q.shape[2]
+    scores = (q * attn.scale) @ k.swapaxes(-1, -2)
+    query, key = mx.arange(L)[:, None], mx.arange(L)[None]
+    weights = mx.softmax(mx.where(key <= query, scores, -mx.inf), axis=-1)
+    outside = (key <= query - attn.window) & (key >= attn.sinks)
+    return (weights * outside).sum(-1)
+
+
+def linear_share(attn, q, k, v):
+    """The linear term's share of the model's shared denominator, per query (B, H, L)."""
+    linear, _ = attn.method(q, k, v, lambda t: attn.rope(t))
+    rotated = attn.rope(q)
+    _, mass = attn.window_attention(rotated, attn.rope(k), v, 0, attn.sink_queries(q, rotated, 0))
+    z = linear[..., -1]
+    return z / (mx.sigmoid(attn.method.window_logit)[..., 0] * mass[..., 0] + z)
+
+
+def by_bucket(values, L):
+    """Mean over batch, heads and the queries of each bucket that the window reaches."""
+    return {f"{lo}-{hi}": values[..., lo:min(hi, L)].mean().item() for lo, hi in BUCKETS if lo < L}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--adapter")
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--name", default="state_mass")
+    args = parser.parse_args()
+    model, tokenizer = mlx_linear.load(args.model, adapter_path=args.adapter)
+    if model.args.linearization.method != "lolcats":
+        raise SystemExit("state_mass: the model is not LoLCATs (the shared denominator is what it measures)")
+    text = (SHARED_DATA / "wikitext2" / "wiki.test.raw.lf.txt").read_text()
+    tokens = mx.array(tokenizer.encode(text)[: args.tokens])[None]
+    inputs = []
+    with model.teacher(record=inputs) as attentions:  # LoRA off: the original's projections
+        mx.eval(model(tokens))
+        originals = [by_bucket(beyond_window_mass(attn, *list(attn.project(x))[:2]), args.tokens)
+                     for attn, (x, _) in zip(attentions, inputs)]
+    layers = []
+    for index, (attn, (x, _), original) in enumerate(zip(attentions, inputs, originals)):
+        share = linear_share(attn, *attn.project(x))  # LoRA on again: the model's own projections
+        layers.append({"layer": index, "original": original, "model": by_bucket(share, args.tokens)})
+        print(f"layer {index:2d} | " + " | ".join(f"{b}: original {layers[-1]['original'][b]:.3f}, model "
+                                                   f"{layers[-1]['model'][b]:.3f}" for b in layers[-1]["original"]), flush=True)
+    mean = {side: {b: sum(r[side][b] for r in layers) / len(layers) for b in layers[0][side]} for side in ("original", "model")}
+    print("all layers | " + " | ".join(f"{b}: original {mean['original'][b]:.3f}, model {mean['model'][b]:.3f}" for b in mean["original"]))
+    buckets = list(mean["original"])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    series = {f"{side} {b}": (list(range(len(layers))), [r[side][b] for r in layers]) for side in mean for b in buckets}
+    line_plot(RESULTS / f"{args.name}.png", [{"x": "layer", "y": "share beyond the window", "series": series}],
+              title="beyond the window: the original's attention, the linear term's share")
+    print(f"wrote {write_json(args.name, {'arguments': vars(args), 'mean': mean, 'layers': layers})}")
+
+
+if __name__ == "__main__":
+    main()
