@@ -19,9 +19,11 @@ from common import RESULTS, SHARED_DATA, write_json
 import mlx.core as mx
 
 import mlx_linear
+from mlx_linear.errors import UserError
 from mlx_linear.plot import line_plot
 
 BUCKETS = ((64, 256), (256, 1024), (1024, 4096))
+TEXT = SHARED_DATA / "wikitext2" / "wiki.test.raw.lf.txt"
 
 
 def beyond_window_mass(attn, q, k):
@@ -37,7 +39,7 @@ def beyond_window_mass(attn, q, k):
 
 def linear_share(attn, q, k, v):
     """The linear term's share of the model's shared denominator, per query (B, H, L)."""
-    linear, _ = attn.method(q, k, v, lambda t: attn.rope(t))
+    linear, _ = attn.method(q, k, v, attn.rope)
     rotated = attn.rope(q)
     _, mass = attn.window_attention(rotated, attn.rope(k), v, 0, attn.sink_queries(q, rotated, 0))
     z = linear[..., -1]
@@ -49,34 +51,43 @@ def by_bucket(values, L):
     return {f"{lo}-{hi}": values[..., lo:min(hi, L)].mean().item() for lo, hi in BUCKETS if lo < L}
 
 
+def shares(row):
+    """One printed row: each bucket's original mass and the model's linear share."""
+    return " | ".join(f"{b}: original {row['original'][b]:.3f}, model {row['model'][b]:.3f}" for b in row["original"])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--adapter")
-    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--tokens", type=int, default=2048, help="more than 64: the first bucket starts there")
     parser.add_argument("--name", default="state_mass")
     args = parser.parse_args()
-    model, tokenizer = mlx_linear.load(args.model, adapter_path=args.adapter)
+    if args.tokens <= BUCKETS[0][0]:
+        parser.error(f"--tokens {args.tokens}: give more than {BUCKETS[0][0]}, the window")
+    if not TEXT.is_file():
+        parser.error(f"{TEXT} is missing: the bench reads WikiText-2 from ../shared/data")
+    try:
+        model, tokenizer = mlx_linear.load(args.model, adapter_path=args.adapter)
+    except UserError as error:
+        parser.error(str(error))
     if model.args.linearization.method != "lolcats":
         raise SystemExit("state_mass: the model is not LoLCATs (the shared denominator is what it measures)")
-    text = (SHARED_DATA / "wikitext2" / "wiki.test.raw.lf.txt").read_text()
-    tokens = mx.array(tokenizer.encode(text)[: args.tokens])[None]
+    tokens = mx.array(tokenizer.encode(TEXT.read_text())[: args.tokens])[None]
     inputs = []
     with model.teacher(record=inputs) as attentions:  # LoRA off: the original's projections
         mx.eval(model(tokens))
-        originals = [by_bucket(beyond_window_mass(attn, *list(attn.project(x))[:2]), args.tokens)
-                     for attn, (x, _) in zip(attentions, inputs)]
+        originals = [by_bucket(beyond_window_mass(attn, q, k), args.tokens)
+                     for attn, (x, _) in zip(attentions, inputs) for q, k, _ in [attn.project(x)]]
     layers = []
     for index, (attn, (x, _), original) in enumerate(zip(attentions, inputs, originals)):
         share = linear_share(attn, *attn.project(x))  # LoRA on again: the model's own projections
         layers.append({"layer": index, "original": original, "model": by_bucket(share, args.tokens)})
-        print(f"layer {index:2d} | " + " | ".join(f"{b}: original {layers[-1]['original'][b]:.3f}, model "
-                                                   f"{layers[-1]['model'][b]:.3f}" for b in layers[-1]["original"]), flush=True)
+        print(f"layer {index:2d} | {shares(layers[-1])}", flush=True)
     mean = {side: {b: sum(r[side][b] for r in layers) / len(layers) for b in layers[0][side]} for side in ("original", "model")}
-    print("all layers | " + " | ".join(f"{b}: original {mean['original'][b]:.3f}, model {mean['model'][b]:.3f}" for b in mean["original"]))
-    buckets = list(mean["original"])
+    print(f"all layers | {shares(mean)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    series = {f"{side} {b}": (list(range(len(layers))), [r[side][b] for r in layers]) for side in mean for b in buckets}
+    series = {f"{side} {b}": (list(range(len(layers))), [r[side][b] for r in layers]) for side in mean for b in mean[side]}
     line_plot(RESULTS / f"{args.name}.png", [{"x": "layer", "y": "share beyond the window", "series": series}],
               title="beyond the window: the original's attention, the linear term's share")
     print(f"wrote {write_json(args.name, {'arguments': vars(args), 'mean': mean, 'layers': layers})}")
