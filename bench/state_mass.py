@@ -26,24 +26,56 @@ BUCKETS = ((64, 256), (256, 1024), (1024, 4096))
 TEXT = SHARED_DATA / "wikitext2" / "wiki.test.raw.lf.txt"
 
 
+def softmax_weights(attn, q, k):
+    """The original's causal attention weights per query head (B, H, L, L)."""
+    q, k = attn.rope(q), mx.repeat(attn.rope(k), q.shape[1] // k.shape[1], axis=1)
+    scores = (q * attn.scale) @ k.swapaxes(-1, -2)
+    query, key = mx.arange(q.shape[2])[:, None], mx.arange(q.shape[2])[None]
+    return mx.softmax(mx.where(key <= query, scores, -mx.inf), axis=-1)
+
+
 def beyond_window_mass(attn, q, k):
     """The original's attention mass outside the sinks and the window, per query (B, H, L)."""
-    q, k = attn.rope(q), mx.repeat(attn.rope(k), q.shape[1] // k.shape[1], axis=1)
-    L = q.shape[2]
-    scores = (q * attn.scale) @ k.swapaxes(-1, -2)
-    query, key = mx.arange(L)[:, None], mx.arange(L)[None]
-    weights = mx.softmax(mx.where(key <= query, scores, -mx.inf), axis=-1)
+    query, key = mx.arange(q.shape[2])[:, None], mx.arange(q.shape[2])[None]
     outside = (key <= query - attn.window) & (key >= attn.sinks)
-    return (weights * outside).sum(-1)
+    return (softmax_weights(attn, q, k) * outside).sum(-1)
+
+
+def branches(attn, q, k, v):
+    """The linearized layer's two branches before they mix: (linear, window, window mass)."""
+    linear, _ = attn.method(q, k, v, attn.rope)
+    rotated = attn.rope(q)
+    return (linear, *attn.window_attention(rotated, attn.rope(k), v, 0, attn.sink_queries(q, rotated, 0)))
 
 
 def linear_share(attn, q, k, v):
     """The linear term's share of the model's shared denominator, per query (B, H, L)."""
-    linear, _ = attn.method(q, k, v, attn.rope)
-    rotated = attn.rope(q)
-    _, mass = attn.window_attention(rotated, attn.rope(k), v, 0, attn.sink_queries(q, rotated, 0))
+    linear, _, mass = branches(attn, q, k, v)
     z = linear[..., -1]
     return z / (mx.sigmoid(attn.method.window_logit)[..., 0] * mass[..., 0] + z)
+
+
+def on_the_original(model, tokens, per_layer):
+    """[(attention, its input, per_layer(attention, q, k, v))] for every linearized layer, on the
+    original's hidden states and projections (LoRA off, as attention transfer sees them)."""
+    inputs, layers = [], []
+    with model.teacher(record=inputs) as attentions:
+        mx.eval(model.hidden_states(tokens))
+        for attn, (x, _) in zip(attentions, inputs):
+            layers.append((attn, x, per_layer(attn, *attn.project(x))))
+            mx.eval(layers[-1][2])  # before LoRA is back on
+    return layers
+
+
+def load_lolcats(parser, args, why):
+    """--model with --adapter; a one-line error where it does not load or is not LoLCATs."""
+    try:
+        model, tokenizer = mlx_linear.load(args.model, adapter_path=args.adapter)
+    except UserError as error:
+        parser.error(str(error))
+    if getattr(getattr(model.args, "linearization", None), "method", None) != "lolcats":
+        parser.error(f"{args.model} is not LoLCATs: {why}")
+    return model, tokenizer
 
 
 def by_bucket(values, L):
@@ -67,22 +99,12 @@ def main():
         parser.error(f"--tokens {args.tokens}: give more than {BUCKETS[0][0]}, the window")
     if not TEXT.is_file():
         parser.error(f"{TEXT} is missing: the bench reads WikiText-2 from ../shared/data")
-    try:
-        model, tokenizer = mlx_linear.load(args.model, adapter_path=args.adapter)
-    except UserError as error:
-        parser.error(str(error))
-    if model.args.linearization.method != "lolcats":
-        raise SystemExit("state_mass: the model is not LoLCATs (the shared denominator is what it measures)")
+    model, tokenizer = load_lolcats(parser, args, "the shared denominator is what this measures")
     tokens = mx.array(tokenizer.encode(TEXT.read_text())[: args.tokens])[None]
-    inputs = []
-    with model.teacher(record=inputs) as attentions:  # LoRA off: the original's projections
-        mx.eval(model(tokens))
-        originals = [by_bucket(beyond_window_mass(attn, q, k), args.tokens)
-                     for attn, (x, _) in zip(attentions, inputs) for q, k, _ in [attn.project(x)]]
     layers = []
-    for index, (attn, (x, _), original) in enumerate(zip(attentions, inputs, originals)):
+    for index, (attn, x, mass) in enumerate(on_the_original(model, tokens, lambda attn, q, k, v: beyond_window_mass(attn, q, k))):
         share = linear_share(attn, *attn.project(x))  # LoRA on again: the model's own projections
-        layers.append({"layer": index, "original": original, "model": by_bucket(share, args.tokens)})
+        layers.append({"layer": index, "original": by_bucket(mass, args.tokens), "model": by_bucket(share, args.tokens)})
         print(f"layer {index:2d} | {shares(layers[-1])}", flush=True)
     mean = {side: {b: sum(r[side][b] for r in layers) / len(layers) for b in layers[0][side]} for side in ("original", "model")}
     print(f"all layers | {shares(mean)}")

@@ -313,6 +313,7 @@ def test_mismatched_weights_are_a_user_error(tmp_path):
     ("liger-gla", "gate_normalizer=0", ["gate_normalizer=0", "positive"]),
     ("lolcats", "window_factor=1", ["window_factor=1", "between 0 and 1"]),
     ("lolcats", "mix=0.5", ["no option 'mix'", "window_factor"]),
+    ("lolcats", "feature_dim=100", ["feature_dim=100", "whole number to"]),
     ("liger-hgrn2", "mix=0.5", ["no option 'mix'", "its options: none"]),
     ("liger-gsa", "slots=-4", ["slots=-4", "whole number"]),
     ("liger-gsa", "slots=2.5", ["slots=2.5", "whole number"]),

@@ -77,6 +77,23 @@ def test_maps_before_rope():
     assert_pieces_match_one_forward(lolcats_model(after_rope=False), ([9, 3, 1, 10],))
 
 
+def test_feature_dim():
+    """feature_dim=f: maps of d x f from the identity (2f features), the same form; its state holds 2f rows."""
+    d = TINY["head_dim"]
+    fresh = tiny_model(method="lolcats", options={"feature_dim": d}).layers[0].self_attn.method
+    assert fresh.q_map.shape == (TINY["num_attention_heads"], d, d) and mx.array_equal(fresh.q_map[0], mx.eye(d)).item()
+    model = lolcats_model(feature_dim=d)
+    attn = model.layers[0].self_attn
+    x = mx.random.normal((1, 30, TINY["hidden_size"]))
+    assert mx.allclose(attn(x), reference_lolcats(attn, x), atol=1e-4).item()
+    assert_pieces_match_one_forward(model, ([9, 3, 1, 10],))
+    assert cache_bytes(model)[0] - cache_bytes(lolcats_model())[0] == TINY["num_hidden_layers"] * 4 * (
+        TINY["num_attention_heads"] * d * (d + 1 + WINDOW))  # d more features: rows of S, z and the queue
+    for wrong in (d + 1, 2.5, -1):
+        with pytest.raises(ValueError, match=f"feature_dim={wrong}: give a whole number to {d}"):
+            tiny_model(method="lolcats", options={"feature_dim": wrong})
+
+
 def test_gradients_follow_the_design():
     attn = lolcats_model().layers[1].self_attn
     x = mx.random.normal((1, 26, TINY["hidden_size"]))

@@ -3,12 +3,11 @@ softmax window and a linear attention over everything before it, under one denom
 
     y_t = (g sum_win exp(q.k / sqrt(d) - m_t) v + phi(q_t) S) / (g sum_win exp(q.k / sqrt(d) - m_t) + phi(q_t) z)
 
-m_t the window's largest score (the linear term is not scaled by exp(-m_t), as in the code),
-g = sigmoid(w_h) per head, from 0.1; S, z sum phi(k_s) v_s and phi(k_s) over s <= t - W.
-phi(x) = [softmax(x W), softmax(-x W)] (Hedgehog), one W (d x d/2, from the identity's first d/2
-columns) per query head for q and for k, after RoPE. Keys enter S as they leave the window.
-Options: half_life (tokens; 0, the paper's: none): S and z decay by 2^(-1/half_life) a token;
-after_rope=false: the maps read q, k before RoPE, so phi(q).phi(k) holds at any position.
+m_t the window's largest score (the linear term is not scaled by exp(-m_t), as in the code), g = sigmoid(w_h)
+per head, from 0.1; S, z sum phi(k_s) v_s and phi(k_s) over s <= t - W (keys enter as they leave the window).
+phi(x) = [softmax(x W), softmax(-x W)] (Hedgehog), one W (d x f, the identity's first f columns) per query
+head for q and for k, after RoPE. Options: feature_dim f (0: d/2; the paper: 64 for d = 128); half_life
+(tokens; 0, the paper's: none): S, z decay by 2^(-1/half_life) a token; after_rope=false: maps before RoPE.
 """
 
 import math
@@ -20,7 +19,7 @@ from .base import LinearMethod
 
 
 def hedgehog(x, weights):
-    """[softmax(x W), softmax(-x W)] per head: x (B, H, L, d), weights (H, d, d/2)."""
+    """[softmax(x W), softmax(-x W)] per head: x (B, H, L, d), weights (H, d, f)."""
     y = x.astype(mx.float32) @ weights
     return mx.concatenate([mx.softmax(y, axis=-1), mx.softmax(-y, axis=-1)], axis=-1)
 
@@ -31,17 +30,18 @@ class LoLCATs(LinearMethod):
     state_size = 3  # S (z as its last column), the queue of keys and values in the window
     needs_window_mass = True
 
-    def __init__(self, attention, window_factor=0.1, half_life=0.0, after_rope=True):
+    def __init__(self, attention, window_factor=0.1, half_life=0.0, after_rope=True, feature_dim=0):
         super().__init__(attention)
-        if not 0 < window_factor < 1:
-            raise ValueError(f"window_factor={window_factor}: the window's weight must lie strictly between 0 and 1")
-        if half_life < 0:
-            raise ValueError(f"half_life={half_life}: give a number of tokens, or 0 for no decay")
-        self.log_decay, self.after_rope = -math.log(2) / half_life if half_life else 0.0, after_rope
         H, d = attention.n_heads, attention.q_proj.weight.shape[0] // attention.n_heads
-        self.q_map = self.k_map = mx.broadcast_to(mx.eye(d)[:, : d // 2], (H, d, d // 2))
+        for fits, problem in ((0 < window_factor < 1, f"window_factor={window_factor}: give a weight between 0 and 1, both excluded"),
+                              (half_life >= 0, f"half_life={half_life}: give a number of tokens, or 0 for no decay"),
+                              (feature_dim in range(d + 1), f"feature_dim={feature_dim}: give a whole number to {d} (0: {d // 2})")):
+            if not fits:
+                raise ValueError(problem)
+        self.log_decay, self.after_rope, self.window = -math.log(2) / half_life if half_life else 0.0, after_rope, attention.window
+        f = int(feature_dim) or d // 2
+        self.q_map = self.k_map = mx.broadcast_to(mx.eye(d)[:, :f], (H, d, f))
         self.window_logit = mx.full((H, 1, 1), math.log(window_factor / (1 - window_factor)))
-        self.window = attention.window
 
     def feature_maps(self, q, k, v, rope):
         groups = q.shape[1] // k.shape[1]
