@@ -14,7 +14,7 @@ import json
 import math
 
 from common import SHARED_DATA, write_json
-from state_mass import branches, load_lolcats, on_the_original, softmax_weights
+from state_mass import load_lolcats, on_the_original, softmax_weights, window_branch
 
 import mlx.core as mx
 
@@ -27,11 +27,11 @@ CALIBRATION = SHARED_DATA / "gentext" / "wikipedia_en_007.jsonl"
 def head_errors(attn, x, target, half_lives):
     """(grid, heads): the squared error of the mixed output per head past the window, per half-life."""
     q, k, v = attn.project(x)  # the model's own projections (LoRA on)
+    window, mass = window_branch(attn, q, k, v)  # the half-life changes only the linear branch
     errors = []
     for half_life in half_lives:
         attn.method.log_decay = -math.log(2) / half_life
-        linear, window, mass = branches(attn, q, k, v)
-        output = attn.method.mix(linear, window, mass)
+        output = attn.method.mix(attn.method(q, k, v, attn.rope)[0], window, mass)
         errors.append(mx.square(output - target)[:, :, attn.window :].mean(axis=(0, 2, 3)))
     return mx.stack(errors)
 
@@ -51,6 +51,11 @@ def main():
     parser.add_argument("--windows", type=int, default=2, help="WikiText-2 windows of 4,096 tokens")
     parser.add_argument("--max-half-life", type=int, default=GRID[-1])
     args = parser.parse_args()
+    grid = [h for h in GRID if h <= args.max_half_life]
+    if not grid:
+        parser.error(f"--max-half-life {args.max_half_life}: give at least {GRID[0]}, the grid's first")
+    if args.tokens <= 64 or args.sequences < 1:
+        parser.error(f"--tokens {args.tokens}, --sequences {args.sequences}: give more than 64 tokens (the window) and 1+ sequences")
     if not CALIBRATION.is_file():
         parser.error(f"{CALIBRATION} is missing: the bench reads general text from ../shared/data")
     model, tokenizer = load_lolcats(parser, args, "only LoLCATs' half-life is chosen here")
@@ -60,7 +65,6 @@ def main():
         parser.error(f"--tokens x --sequences: {CALIBRATION.name}'s last 40 articles hold {len(ids)} tokens")
     before = wikitext(model, tokenizer, args.windows)
     print("own half-life:", before, flush=True)
-    grid = [h for h in GRID if h <= args.max_half_life]
     original = lambda attn, q, k, v: softmax_weights(attn, q, k) @ mx.repeat(v, q.shape[1] // k.shape[1], axis=1)  # noqa: E731
     chosen = []
     for index, (attn, x, target) in enumerate(on_the_original(model, mx.array(ids).reshape(args.sequences, -1), original)):

@@ -41,11 +41,15 @@ def beyond_window_mass(attn, q, k):
     return (softmax_weights(attn, q, k) * outside).sum(-1)
 
 
+def window_branch(attn, q, k, v):
+    """The linearized layer's window branch over the whole sequence: (output, window mass)."""
+    rotated = attn.rope(q)
+    return attn.window_attention(rotated, attn.rope(k), v, 0, attn.sink_queries(q, rotated, 0))
+
+
 def branches(attn, q, k, v):
     """The linearized layer's two branches before they mix: (linear, window, window mass)."""
-    linear, _ = attn.method(q, k, v, attn.rope)
-    rotated = attn.rope(q)
-    return (linear, *attn.window_attention(rotated, attn.rope(k), v, 0, attn.sink_queries(q, rotated, 0)))
+    return (attn.method(q, k, v, attn.rope)[0], *window_branch(attn, q, k, v))
 
 
 def linear_share(attn, q, k, v):
