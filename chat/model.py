@@ -14,7 +14,7 @@ from mlx_linear.convert import bundled_model
 
 # Package data: the LoRA adapter this project trained for the bundled model, and the
 # `convert` options (method, sinks, method options) of the model it was trained on.
-BUNDLED_ADAPTER = "smollm2-135m-instruct-lolcats"
+BUNDLED_ADAPTER = "smollm2-135m-instruct-lola"
 CONVERSION_FILE = "conversion.json"
 NO_ADAPTER_NOTE = (
     "note: the trained adapter for the bundled SmolLM2 is missing from this install, so the untrained "

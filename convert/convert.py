@@ -60,10 +60,21 @@ def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def method_options(cls):
+    """A method's options by name: its constructor's keywords, and its parent's where it passes
+    **options on (LoLA takes LoLCATs' options)."""
+    parameters = {}
+    for klass in cls.__mro__:
+        own = inspect.signature(klass).parameters.values()
+        parameters.update({p.name: p for p in own if p.name != "attention" and p.kind != p.VAR_KEYWORD})
+        if not any(p.kind == p.VAR_KEYWORD for p in own):
+            return parameters
+
+
 def check_options(method, options):
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}: choose one of none, {', '.join(sorted(METHODS))}")
-    parameters = {n: p for n, p in inspect.signature(METHODS[method]).parameters.items() if n != "attention"}
+    parameters = method_options(METHODS[method])
     unknown = sorted(set(options) - set(parameters))
     if unknown:
         raise UserError(f"method {method} has no option {unknown[0]!r}; its options: {', '.join(parameters) or 'none'}")

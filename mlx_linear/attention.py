@@ -31,6 +31,16 @@ def keep_last(cache):
         cache._idx = size
 
 
+class Rope:
+    """The layer's RoPE from a call's first position (`offset`), or from another (`at`)."""
+
+    def __init__(self, rope, offset):
+        self.rope, self.offset = rope, offset
+
+    def __call__(self, x, at=None):
+        return self.rope(x, offset=self.offset if at is None else at)
+
+
 class LinearizedAttention(nn.Module):
     def __init__(self, attention: nn.Module, method: type, options: dict, window: int, sinks: int = 0):
         super().__init__()
@@ -71,10 +81,7 @@ class LinearizedAttention(nn.Module):
         q, k, v = self.project(x)
         state_cache, window_cache = cache if cache is not None else (None, None)
         offset = window_cache.offset if cache is not None else 0
-
-        def rope(t):
-            return self.rope(t, offset=offset)
-
+        rope = Rope(self.rope, offset)
         linear = None
         if self.use_state and cache is None:
             linear, _ = self.method(q, k, v, rope)
@@ -105,10 +112,7 @@ class LinearizedAttention(nn.Module):
         """One token once the window cache is full (decode.py compiles it): __call__'s decode
         path on a StepCache, whose position and ring-buffer slot are arrays."""
         q, k, v = self.project(x)
-
-        def rope(t):
-            return self.rope(t, offset=cache.offset)
-
+        rope = Rope(self.rope, cache.offset)
         linear = None
         if self.use_state:
             linear, cache.state = self.method(q, k, v, rope, cache.state)

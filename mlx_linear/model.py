@@ -134,7 +134,9 @@ class Model(nn.Module):
         if not all(layer.self_attn.use_state and not layer.self_attn.use_softmax for layer in self.layers):
             return False
         windows = [c.caches[1] for c in cache]
-        return len({(w.offset, w._idx) for w in windows}) == 1
+        if len({(w.offset, w._idx) for w in windows}) != 1:
+            return False
+        return all(layer.self_attn.method.steps_compiled(windows[0].offset) for layer in self.layers)
 
     def hidden_states(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None):
         """The last layer's normalised output, before the LM head."""

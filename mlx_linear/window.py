@@ -27,12 +27,13 @@ def _sink_mask(num_blocks, window, num_sinks, first_position):
 
 
 def masked_softmax(scores, mask):
-    """(weights, mass): the softmax over the visible scores and sum(exp(score - max)) per query,
-    the window's share in a denominator shared with a linear branch (LoLCATs)."""
+    """(weights, mass): the softmax over the visible scores and, per query, sum(exp(score - max))
+    and max: the window's share in a denominator shared with other terms (LoLCATs)."""
     scores = mx.where(mask, scores.astype(mx.float32), -mx.inf)
-    exps = mx.exp(scores - scores.max(axis=-1, keepdims=True))
+    top = scores.max(axis=-1, keepdims=True)
+    exps = mx.exp(scores - top)
     mass = exps.sum(axis=-1, keepdims=True)
-    return exps / mass, mass
+    return exps / mass, mx.concatenate([mass, top], axis=-1)
 
 
 def _by_group(x, num_kv_heads):
@@ -42,7 +43,7 @@ def _by_group(x, num_kv_heads):
 
 def attention_step(q, k, v, scale, num_sinks=0, sink_q=None):
     """One query per row over every key of a decode cache (sinks first, then the window):
-    (output (B, H, 1, dv), mass (B, H, 1, 1))."""
+    (output (B, H, 1, dv), mass and max (B, H, 1, 2))."""
     B, H, _, _ = q.shape
     Hkv, dv = k.shape[1], v.shape[-1]
     keys = k[:, :, None].swapaxes(-1, -2)
@@ -52,7 +53,7 @@ def attention_step(q, k, v, scale, num_sinks=0, sink_q=None):
         scores = mx.concatenate([sink_scores, scores[..., num_sinks:]], axis=-1)
     weights, mass = masked_softmax(scores, mx.array(True))
     out = weights.astype(v.dtype) @ v[:, :, None]
-    return out.reshape(B, H, 1, dv), mass.reshape(B, H, 1, 1)
+    return out.reshape(B, H, 1, dv), mass.reshape(B, H, 1, 2)
 
 
 def sliding_window_attention(q, k, v, window, scale, sinks=None, first_position=0, sink_q=None, with_mass=False):
@@ -61,7 +62,7 @@ def sliding_window_attention(q, k, v, window, scale, sinks=None, first_position=
     Query i attends the `window` keys ending at its own, and the sink keys `sinks = (k, v)`
     (positions 0..S-1) that lie before its window; `first_position` is query 0's position.
     Blocked: each block of W queries reads 2W (+ S) keys, so time and memory are O(L * W).
-    With `with_mass`, also returns sum(exp(score - max)) per query (B, H, L, 1).
+    With `with_mass`, also returns sum(exp(score - max)) and max per query (B, H, L, 2).
     """
     B, H, L, _ = q.shape
     Hkv, total, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -97,4 +98,4 @@ def sliding_window_attention(q, k, v, window, scale, sinks=None, first_position=
         S = sink_v.shape[-2]
         out = weights[..., :S] @ sink_v + weights[..., S:] @ pairs(v)
     out = out.reshape(B, H, num_blocks * window, dv)[:, :, :L]
-    return (out, mass.reshape(B, H, num_blocks * window, 1)[:, :, :L]) if with_mass else out
+    return (out, mass.reshape(B, H, num_blocks * window, 2)[:, :, :L]) if with_mass else out

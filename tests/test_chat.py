@@ -398,6 +398,9 @@ def bundled_state_bytes(conversion):
     window = 2 * (64 + conversion.get("sinks", 0)) * 3 * 64 * 4
     if conversion.get("method") == "lolcats":  # per query head: S (z its last column), the queued phi(k) and v, z
         state = 9 * 64 * 65 * 4 + 9 * 64 * (64 + 65) * 4
+    elif conversion.get("method") == "lola":  # S; two blocks' raw k, v (per KV head), phi(k) (per query head); the cache's, positions
+        slots = conversion["options"].get("slots", 64)
+        state = 9 * 64 * 65 * 4 + 2 * 64 * (2 * 3 * 64 + 9 * 64) * 4 + slots * (2 * 3 * 64 + 9 * 64 + 3) * 4
     else:  # per KV head: S, and the normaliser's sum if any
         state = 3 * 64 * 64 * 4 + (3 * 64 * 4 if conversion.get("options", {}).get("normalize") else 0)
     return 30 * (window + state)

@@ -33,7 +33,7 @@ def test_method_none_matches_mlx_lm(hf_checkpoints, tmp_path, model_type):
     assert tokenizer.encode("the thin") == tiny_tokenizer().encode("the thin")
 
 
-@pytest.mark.parametrize("method", ["liger-gla", "lolcats", "liger-hgrn2", "liger-gsa"])
+@pytest.mark.parametrize("method", ["liger-gla", "lolcats", "lola", "liger-hgrn2", "liger-gsa"])
 @pytest.mark.parametrize("model_type", TINY_CONFIGS)
 def test_liger_converts_and_runs(hf_checkpoints, tmp_path, model_type, method):
     out = quiet(tmp_path / "liger", hf_source=str(hf_checkpoints[model_type]), full_attention_every=2, method=method)
@@ -42,9 +42,9 @@ def test_liger_converts_and_runs(hf_checkpoints, tmp_path, model_type, method):
     model, _ = mlx_linear.load(out)
     logits = model(TOKENS)
     assert logits.shape == (1, TOKENS.shape[1], TINY["vocab_size"]) and mx.isfinite(logits).all().item()
-    # Same weights as the original, different attention (LoLCATs: the same inside its window).
+    # Same weights as the original, different attention (LoLCATs, LoLA: the same inside the window).
     reference, _ = load_model(hf_checkpoints[model_type])
-    assert mx.allclose(logits, reference(TOKENS), atol=1e-3).item() == (method == "lolcats" and TOKENS.shape[1] <= 64)
+    assert mx.allclose(logits, reference(TOKENS), atol=1e-3).item() == (method in ("lolcats", "lola") and TOKENS.shape[1] <= 64)
     model.use_softmax_attention(True)
     assert mx.allclose(model(TOKENS), reference(TOKENS), atol=1e-5).item()
 
@@ -314,6 +314,9 @@ def test_mismatched_weights_are_a_user_error(tmp_path):
     ("lolcats", "window_factor=1", ["window_factor=1", "between 0 and 1"]),
     ("lolcats", "mix=0.5", ["no option 'mix'", "window_factor"]),
     ("lolcats", "feature_dim=100", ["feature_dim=100", "whole number to"]),
+    ("lola", "slots=0", ["slots=0", "whole number"]),
+    ("lola", "half_life=-1", ["half_life=-1", "number of tokens"]),
+    ("lola", "mix=0.5", ["no option 'mix'", "slots, window_factor, half_life"]),
     ("liger-hgrn2", "mix=0.5", ["no option 'mix'", "its options: none"]),
     ("liger-gsa", "slots=-4", ["slots=-4", "whole number"]),
     ("liger-gsa", "slots=2.5", ["slots=2.5", "whole number"]),

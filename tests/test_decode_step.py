@@ -20,6 +20,7 @@ RECIPES = {
     "lolcats before rope": {"method": "lolcats", "options": {"after_rope": False}},
     "lolcats chat recipe": {"method": "lolcats", "sinks": 2, "options": {"after_rope": False, "half_life": 256}},
     "lolcats wider maps": {"method": "lolcats", "sinks": 2, "options": {"after_rope": False, "half_life": 256, "feature_dim": 16}},
+    "lola sinks": {"method": "lola", "sinks": 2, "options": {"slots": 3}},
     "supra": {"method": "supra"},
     "supra sinks": {"method": "supra", "sinks": 3},
     "liger-hgrn2": {"method": "liger-hgrn2"},

@@ -166,7 +166,7 @@ def test_softmax_mode_is_the_original_transformer():
     assert not mx.allclose(model(tokens), original(tokens), atol=1e-2).item()
 
 
-@pytest.mark.parametrize("method", [{}, {"method": "lolcats"}, {"method": "liger-gsa"}])
+@pytest.mark.parametrize("method", [{}, {"method": "lolcats"}, {"method": "lola", "options": {"slots": 4}}, {"method": "liger-gsa"}])
 def test_prompt_cache_file_round_trip(tmp_path, method):
     model = tiny_model(**method)
     tokens = mx.random.randint(0, TINY["vocab_size"], (1, 30))
@@ -177,7 +177,7 @@ def test_prompt_cache_file_round_trip(tmp_path, method):
     assert mx.allclose(model(nxt, cache=cache), model(nxt, cache=loaded), atol=1e-6).item()
 
 
-@pytest.mark.parametrize("sinks,method", [(0, {}), (2, {}), (2, {"method": "lolcats"}), (2, SUPRA_MIXED),
+@pytest.mark.parametrize("sinks,method", [(0, {}), (2, {}), (2, {"method": "lolcats"}), (2, {"method": "lola"}), (2, SUPRA_MIXED),
                                          (2, {"method": "liger-hgrn2"}), (0, {"method": "liger-gsa"})])
 def test_window_branch_ignores_the_absolute_position(sinks, method):
     """State off, every layer reads only its sinks and its window, so the last logits depend on

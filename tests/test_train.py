@@ -287,7 +287,8 @@ def test_attention_transfer_loss_against_layer_by_layer_oracle(hf_checkpoints, t
     assert np.isclose(total.item(), expected, rtol=1e-4) and norm.item() == 24 * len(model.layers)
 
 
-@pytest.mark.parametrize("method,options", [("lolcats", {}), ("liger-gla", {"feature_proj": True, "learned_mix": True})])
+@pytest.mark.parametrize("method,options", [("lolcats", {}), ("lola", {"slots": 4}),
+                                            ("liger-gla", {"feature_proj": True, "learned_mix": True})])
 def test_attention_transfer_then_cross_entropy(hf_checkpoints, tmp_path, method, options):
     """Stage 1 trains only the method's parameters to fit the softmax attention outputs of a
     repeated text; stage 2 adds LoRA and starts from stage 1's parameters."""

@@ -6,4 +6,4 @@ METHODS = Registry("method")
 register = METHODS.register
 get_method = METHODS.lookup
 
-from . import liger_gla, liger_gsa, liger_hgrn2, lolcats, supra  # noqa: E402,F401  (registers)
+from . import liger_gla, liger_gsa, liger_hgrn2, lola, lolcats, supra  # noqa: E402,F401  (registers)

@@ -18,10 +18,15 @@ class LinearMethod(nn.Module):
     name: str = ""
     linear_weight: float = 0.5  # the linear branch's share of the output (Liger's equal mix)
     state_size: int = 1  # arrays in the method's decode state (the scan's state first)
-    needs_window_mass = False  # mix() gets the window's sum(exp(score - max)) per query
+    needs_window_mass = False  # mix() gets the window's sum(exp(score - max)) and max per query
 
     def __init__(self, attention: nn.Module):
         super().__init__()
+
+    def steps_compiled(self, offset) -> bool:
+        """Whether decode.py's compiled step takes the token at `offset` (not where the step
+        needs Python control flow)."""
+        return True
 
     def features(self, q, k, v, rope):
         """(q, k, v, log_gate) for the scan; `rope(x)` applies the layer's RoPE at its offset."""

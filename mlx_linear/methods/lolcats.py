@@ -65,5 +65,5 @@ class LoLCATs(LinearMethod):
     def mix(self, linear, window, window_mass=None):
         if window_mass is None:
             raise ValueError("lolcats needs the window's softmax mass: batched generation is not supported")
-        weight = mx.sigmoid(self.window_logit) * window_mass
+        weight = mx.sigmoid(self.window_logit) * window_mass[..., :1]
         return (weight * window + linear[..., :-1]) / (weight + linear[..., -1:])

@@ -1,0 +1,38 @@
+"""LoLA (arXiv 2505.23666): LoLCATs with a sparse cache. Of the keys and values that have left
+the window, the `slots` per KV head that the linear state recalls worst (by self-recall error,
+|| phi(k) S / phi(k) z - v ||^2) are kept exact and attended beside the window, under LoLCATs'
+shared denominator; the rest enter S and z as before. The cache has a fixed size, so memory is
+still constant. It is an inference-time change: a LoLCATs adapter loads as it is (the same
+parameters), and LoLCATs' options apply. The math, its state and its blocks are in sparse.py.
+"""
+
+import mlx.core as mx
+
+from .. import sparse
+from . import register
+from .lolcats import LoLCATs
+
+
+@register
+class LoLA(LoLCATs):
+    name = "lola"
+    state_size = 8  # S; the last two blocks' raw keys, values, features; the cache's, and its positions
+
+    def __init__(self, attention, slots=64, **options):
+        super().__init__(attention, **options)
+        if slots not in range(1, 4097):
+            raise ValueError(f"slots={slots}: give a whole number of cached keys per KV head, 1 to 4096")
+        self.slots, self.scale, self.sinks = int(slots), attention.scale, attention.sinks
+
+    def steps_compiled(self, offset):
+        return offset % self.window != 0  # a boundary (choosing the cache) is Python control flow
+
+    def __call__(self, q, k, v, rope, state=None, mask=None):
+        q_features, k_features, _ = self.feature_maps(q, k, v, rope)
+        run = sparse.step if isinstance(getattr(rope, "offset", 0), mx.array) else sparse.forward  # compiled decode
+        return run(self, q, k, v, q_features, k_features, rope, state)
+
+    def mix(self, linear, window, window_mass=None):
+        if window_mass is None:
+            raise ValueError("lola needs the window's softmax mass: batched generation is not supported")
+        return sparse.combine(linear, window, window_mass, mx.sigmoid(self.window_logit))

@@ -1,0 +1,161 @@
+"""LoLA's sparse cache (arXiv 2505.23666) for LoLCATs: a fixed number of past keys and values
+that the linear state would recall badly are kept exact, beside the window and the state.
+
+Positions go in blocks of C = window tokens. A key that leaves the window stays exact
+("pending") until its whole block has left; at the next block boundary it and the cache's keys
+are ranked by their self-recall error against the state, || phi(k) S / phi(k) z - v ||^2 (summed
+over the query heads of its KV head): the `slots` worst stay in the cache, the rest enter S and
+z. So a query of block b sees exactly the sinks and its window (the window branch), the keys of
+block b - 1 that left the window, and the cache chosen at b's boundary; everything else through
+the state, decayed from when the key left the window. Cache keys are scored as if they lay
+2 x window positions back whatever their age (as sinks are), so no query is ever further from
+them than it was trained for. Sinks go to the state, never to the cache.
+
+State per layer: S (z its last column); the last two blocks' raw keys, values and features;
+the cache's raw keys, values, features and positions (-1: an empty slot).
+"""
+
+import mlx.core as mx
+
+
+def empty_state(B, H, Hkv, C, slots, d, F):
+    zeros = mx.zeros
+    return [zeros((B, H, F, d + 1)), zeros((B, Hkv, 2 * C, d)), zeros((B, Hkv, 2 * C, d)), zeros((B, H, 2 * C, F)),
+            zeros((B, Hkv, slots, d)), zeros((B, Hkv, slots, d)), zeros((B, H, slots, F)), mx.full((B, Hkv, slots), -1.0)]
+
+
+def with_ones(values):
+    return mx.concatenate([values, mx.ones(values.shape[:-1] + (1,))], axis=-1)
+
+
+def recall_error(features, values, S):
+    """|| phi(k) S / phi(k) z - v ||^2 per entry, summed over each KV head's query heads (B, Hkv, N)."""
+    B, Hkv, N, _ = values.shape
+    recalled = features @ S
+    num, den = recalled[..., :-1], recalled[..., -1:]
+    guess = mx.where(den > 0, num / mx.where(den > 0, den, 1), 0)
+    error = (guess - mx.repeat(values, features.shape[1] // Hkv, axis=1)).square().sum(-1)
+    return error.reshape(B, Hkv, -1, N).sum(2)
+
+
+def boundary(S, cache, block, start, sinks, log_decay):
+    """The boundary of the block that starts at position `start`: the cache and the block two
+    back (all of it out of the window now) are ranked, the `slots` worst recalled stay in the
+    cache, the rest enter S, which is then the state of keys up to start - C, as of start - C."""
+    keys, values, features, positions = (mx.concatenate(pair, axis=2) for pair in zip(cache, block))
+    slots, C, groups = cache[0].shape[2], block[0].shape[2], features.shape[1] // keys.shape[1]
+    eligible = positions >= sinks
+    score = mx.where(eligible, mx.stop_gradient(recall_error(features, values, S)), -mx.inf)
+    order = mx.argsort(-score, axis=-1)  # stable: of equal scores (repeated tokens) the older stays
+    keep = mx.sort(order[..., :slots], axis=-1)  # the cache stays in the order of positions
+    stays = mx.take_along_axis(eligible, keep, axis=-1)
+    cached = (mx.argsort(order, axis=-1) < slots) & eligible
+    weight = mx.where(cached, 0.0, mx.exp(log_decay * (start - C - positions)))  # decayed since it left the window
+    written = (features * mx.repeat(weight, groups, axis=1)[..., None]).swapaxes(-1, -2)
+    S = mx.exp(log_decay * C) * S + written @ mx.repeat(with_ones(values), groups, axis=1)
+    picked = [mx.take_along_axis(x, mx.repeat(keep, x.shape[1] // keep.shape[1], axis=1)[..., None], axis=2)
+              * mx.repeat(stays, x.shape[1] // keep.shape[1], axis=1)[..., None] for x in (keys, values, features)]
+    return S, (*picked, mx.where(stays, mx.take_along_axis(positions, keep, axis=-1), -1.0))
+
+
+def blocks(x, C, front=0):
+    """(B, H, L, ...) -> (B, H, n, C, ...): `front` zeros before, zeros after to whole blocks."""
+    back = -(front + x.shape[2]) % C
+    x = mx.pad(x, [(0, 0), (0, 0), (front, back)] + [(0, 0)] * (x.ndim - 3))
+    return x.reshape(x.shape[0], x.shape[1], -1, C, *x.shape[3:])
+
+
+def timeline(state, k, v, k_features, start, end, C):
+    """Raw keys, values, features and positions (-1: none) from `start` (a block before the last
+    one seen: what the state buffers) to `end`, the chunk's, in blocks of C."""
+    B, Hkv, L, _ = k.shape
+    if end - start <= 2 * C:  # within the buffer (decode): written in place
+        line = [mx.slice_update(old, new, mx.array(end - L - start), axes=(2,)) for old, new in zip(state[1:4], (k, v, k_features))]
+    else:
+        line = [mx.concatenate([old[:, :, : end - L - start], new], axis=2) for old, new in zip(state[1:4], (k, v, k_features))]
+    line = [blocks(x, C) for x in line]
+    positions = mx.arange(start, start + line[0].shape[2] * C, dtype=mx.float32)
+    positions = mx.where(positions < end, positions, -1).reshape(-1, C)
+    return line + [mx.broadcast_to(positions, (B, Hkv) + positions.shape)]
+
+
+def forward(method, q, k, v, q_features, k_features, rope, state=None):
+    """A chunk of L tokens from position `rope.offset` through LoLA `method`: (per query, the
+    state's numerator and denominator, then the exact keys' numerator, denominator and largest
+    score; the new state). q (B, H, L, d), k, v (B, Hkv, L, d) unrotated; features (B, H, L, F)."""
+    (B, H, L, d), C, o = q.shape, method.window, getattr(rope, "offset", 0)
+    if not state or state[0] is None:
+        state = empty_state(B, H, k.shape[1], C, method.slots, d, q_features.shape[-1])
+    last_seen = (o - 1) // C  # the block of the last position before the chunk (-1: none)
+    line = timeline(state, k, v.astype(mx.float32), k_features, (last_seen - 1) * C, o + L, C)
+    S, kept, read = state[0], tuple(state[4:]), []
+    for b in range(o // C, (o + L - 1) // C + 1):  # each query block reads the state and cache of its boundary
+        if b * C >= o:  # that boundary lies in this chunk: block b - 2 has left the window
+            S, kept = boundary(S, kept, [x[:, :, b - 1 - last_seen] for x in line], b * C, method.sinks, method.log_decay)
+        read.append((S, *kept))
+    S_read, kept_k, kept_v, _, kept_at = (mx.stack(x, axis=2) if len(read) > 1 else x[0][:, :, None] for x in zip(*read))
+    front, pending = o % C, slice(o // C - last_seen, -1)  # pending: the block before each query block
+    if len(read) == 1:  # within one block (decode): its L rows only
+        rows, by_block = front + mx.arange(L), lambda x: x[:, :, None]  # noqa: E731
+    else:
+        rows, by_block = mx.arange(C), lambda x: blocks(x, C, front)  # noqa: E731
+    terms = read_terms(method, rope, q, q_features, S_read, [x[:, :, pending] for x in (line[0], line[1], line[3])],
+                       (kept_k, kept_v, kept_at), rows, by_block, o - (pending.start + last_seen - 1) * C)
+    terms = terms.reshape(B, H, -1, terms.shape[-1])
+    terms = terms if len(read) == 1 else terms[:, :, front : front + L]
+    return terms, [S, *(x[:, :, -2:].reshape(B, x.shape[1], 2 * C, *x.shape[4:]) for x in line[:3]), *kept]
+
+
+def step(method, q, k, v, q_features, k_features, rope, state):
+    """One token between two boundaries, its position an array (decode.py's compiled step): the
+    buffer's first block is the pending one, and the token goes to its slot C + r."""
+    (B, Hkv), C, o = k.shape[:2], method.window, rope.offset
+    r = o % C
+    buffered = [mx.slice_update(old, new, C + r, axes=(2,)) for old, new in zip(state[1:4], (k, v.astype(mx.float32), k_features))]
+    positions = mx.broadcast_to((o - r - C + mx.arange(C)).astype(mx.float32), (B, Hkv, 1, C))
+    pending = [buffered[0][:, :, None, :C], buffered[1][:, :, None, :C], positions]
+    kept = [x[:, :, None] for x in (state[4], state[5], state[7])]
+    terms = read_terms(method, rope, q, q_features, state[0][:, :, None], pending, kept, r.reshape(1), lambda x: x[:, :, None], C + r)
+    return terms[:, :, 0], [state[0], *buffered, *state[4:]]
+
+
+def read_terms(method, rope, q, q_features, S, pending, kept, rows, by_block, near_offset):
+    """Per query block (B, H, n, R, .): the state's numerator and denominator (decayed from the
+    block's start to each row), then the exact keys' terms. `pending`, `kept`: raw keys, values
+    and positions per query block; the pending keys lie from position 0, the queries from `near_offset`."""
+    linear = (by_block(q_features) @ S) * mx.exp(method.log_decay * rows)[:, None]
+    near_q = by_block(rope(q, near_offset))  # so that q.k sees their true distance
+    far_q = by_block(rope(q[..., None, :], 2 * method.window)[..., 0, :])
+    keys = rope(pending[0].reshape(*pending[0].shape[:2], -1, pending[0].shape[-1]), 0).reshape(pending[0].shape)
+    exact = exact_terms(near_q, far_q, rows, (keys, *pending[1:]), kept, method.sinks, method.scale)
+    return mx.concatenate([linear, *exact], axis=-1)
+
+
+def exact_terms(near_q, far_q, rows, pending, kept, sinks, scale):
+    """Per query block (B, H, n, R, d), its rows' places in the block `rows` (R,):
+    sum(exp(s - m) v), sum(exp(s - m)) and m over the keys of the block before that left the
+    window (`pending`, from their true distance) and the cache (`kept`, from 2C), m their
+    largest score. Each: keys, values (B, Hkv, n, N, d), positions (B, Hkv, n, N)."""
+    B, H, n, R, d = near_q.shape
+    Hkv, C = pending[0].shape[1], pending[0].shape[3]
+    by_group = lambda x: x.reshape(B, Hkv, H // Hkv, n, R, d) * scale  # noqa: E731
+    scores = mx.concatenate([by_group(near_q) @ pending[0][:, :, None].swapaxes(-1, -2),
+                             by_group(far_q) @ kept[0][:, :, None].swapaxes(-1, -2)], axis=-1)
+    left_window = mx.arange(C)[None] <= rows[:, None]  # pending key c for the query at row r: c <= r
+    visible = mx.concatenate([left_window & (pending[2][:, :, None, :, None] >= sinks),
+                              mx.broadcast_to(kept[2][:, :, None, :, None] >= 0, (B, Hkv, 1, n, R, kept[2].shape[-1]))], axis=-1)
+    scores = mx.where(visible, scores, -mx.inf)
+    top = scores.max(axis=-1, keepdims=True)
+    exps = mx.exp(scores - mx.where(top > -mx.inf, top, 0))
+    num = exps[..., :C] @ pending[1][:, :, None] + exps[..., C:] @ kept[1][:, :, None]
+    return num.reshape(B, H, n, R, d), exps.sum(-1, keepdims=True).reshape(B, H, n, R, 1), top.reshape(B, H, n, R, 1)
+
+
+def combine(terms, window, stats, weight):
+    """LoLCATs' output with the exact keys in its shared denominator, all against one max."""
+    d = window.shape[-1]
+    num, den, exact_num, exact_den, exact_top = mx.split(terms, [d, d + 1, 2 * d + 1, 2 * d + 2], axis=-1)
+    mass, top = stats[..., :1], stats[..., 1:]
+    both = mx.maximum(top, exact_top)
+    own, exact = mx.exp(top - both), weight * mx.exp(exact_top - both)
+    return (own * (weight * mass * window + num) + exact * exact_num) / (own * (weight * mass + den) + exact * exact_den)
