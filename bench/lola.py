@@ -28,13 +28,13 @@ from mlx_linear.plot import line_plot
 BUCKETS = ("ppl@64-256", "ppl@256-1k", "ppl@1k-4k")
 
 
-def models(conversion, slots):
+def models(conversion, slots, horizon):
     """[(name, converted folder, use_state)]: the window alone, LoLCATs, LoLA per slots."""
     lolcats = bundled_model(**conversion)
     rows = [("window alone", lolcats, False), ("LoLCATs (state)", lolcats, True)]
     for n in slots:
-        lola = {**conversion, "method": "lola", "options": {**conversion.get("options", {}), "slots": n}}
-        rows.append((f"LoLA, {n} slots (state + cache)", bundled_model(**lola), True))
+        lola = {**conversion, "method": "lola", "options": {**conversion.get("options", {}), "slots": n, "horizon": horizon}}
+        rows.append((f"LoLA, {n} slots, horizon {horizon} (state + cache)", bundled_model(**lola), True))
     return rows
 
 
@@ -57,6 +57,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", type=Path, required=True, help="a LoLCATs (or LoLA) adapter folder with conversion.json")
     parser.add_argument("--slots", default="64,256", help="cache sizes to compare, comma-separated")
+    parser.add_argument("--horizon", type=int, default=2048, help="LoLA's horizon: keys further back leave the cache")
     parser.add_argument("--window", type=int, default=4096, help="tokens per perplexity window")
     parser.add_argument("--windows", type=int, default=2, help="windows of WikiText-2 and of held-out text")
     parser.add_argument("--passkeys", type=int, default=24, help="passkey documents (6 depths a length, 512 first)")
@@ -67,7 +68,7 @@ def main():
     conversion = json.loads(conversion_file.read_text())
     if conversion.get("method") not in ("lolcats", "lola"):
         parser.error(f"{args.adapter} is a {conversion.get('method')} adapter: LoLA runs on a LoLCATs adapter")
-    options = {k: v for k, v in conversion.get("options", {}).items() if k != "slots"}  # LoLCATs' own
+    options = {k: v for k, v in conversion.get("options", {}).items() if k not in ("slots", "horizon")}  # LoLCATs' own
     conversion = {**conversion, "method": "lolcats", "options": options}
     try:
         slots = [int(n) for n in args.slots.split(",")]
@@ -82,7 +83,7 @@ def main():
     RESULTS.mkdir(parents=True, exist_ok=True)
     original = cached_evaluation(cache_file, "original" + suffix, bundled_model("none"), None, options)
     results = {}
-    for name, folder, use_state in models(conversion, slots):
+    for name, folder, use_state in models(conversion, slots, args.horizon):
         key = f"{folder.name}|adapter {weights}|state={use_state}{suffix}"
         results[name] = cached_evaluation(cache_file, key, folder, args.adapter, options, use_state)
     report = (f"# LoLA on {args.adapter.name} (SmolLM2-135M-Instruct; windows of {args.window} tokens, {args.windows} of "

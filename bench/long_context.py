@@ -53,8 +53,9 @@ def per_block(nlls, block):
 
 
 def state_peak(cache):
-    """The largest |value| in any linearized layer's recurrent state."""
-    values = [mx.abs(a).max().item() for c in cache if hasattr(c, "caches") for a in c.caches[0].cache if a is not None]
+    """The largest |value| in any linearized layer's recurrent state: the first of its state's
+    arrays (the scan's; the others are buffers, or LoLA's cache and its positions)."""
+    values = [mx.abs(c.caches[0].cache[0]).max().item() for c in cache if hasattr(c, "caches") and c.caches[0].cache[0] is not None]
     return max(values) if values else None
 
 

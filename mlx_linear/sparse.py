@@ -38,13 +38,14 @@ def recall_error(features, values, S):
     return error.reshape(B, Hkv, -1, N).sum(2)
 
 
-def boundary(S, cache, block, start, sinks, log_decay):
+def boundary(S, cache, block, start, sinks, log_decay, horizon=0):
     """The boundary of the block that starts at position `start`: the cache and the block two
     back (all of it out of the window now) are ranked, the `slots` worst recalled stay in the
-    cache, the rest enter S, which is then the state of keys up to start - C, as of start - C."""
+    cache, the rest enter S, which is then the state of keys up to start - C, as of start - C.
+    With a `horizon`, keys more than that many positions back leave the cache whatever their rank."""
     keys, values, features, positions = (mx.concatenate(pair, axis=2) for pair in zip(cache, block))
     slots, C, groups = cache[0].shape[2], block[0].shape[2], features.shape[1] // keys.shape[1]
-    eligible = positions >= sinks
+    eligible = (positions >= sinks) & ((positions >= start - horizon) if horizon else True)
     score = mx.where(eligible, mx.stop_gradient(recall_error(features, values, S)), -mx.inf)
     order = mx.argsort(-score, axis=-1)  # stable: of equal scores (repeated tokens) the older stays
     keep = mx.sort(order[..., :slots], axis=-1)  # the cache stays in the order of positions
@@ -91,7 +92,8 @@ def forward(method, q, k, v, q_features, k_features, rope, state=None):
     S, kept, read = state[0], tuple(state[4:]), []
     for b in range(o // C, (o + L - 1) // C + 1):  # each query block reads the state and cache of its boundary
         if b * C >= o:  # that boundary lies in this chunk: block b - 2 has left the window
-            S, kept = boundary(S, kept, [x[:, :, b - 1 - last_seen] for x in line], b * C, method.sinks, method.log_decay)
+            S, kept = boundary(S, kept, [x[:, :, b - 1 - last_seen] for x in line], b * C, method.sinks, method.log_decay,
+                               method.horizon)
         read.append((S, *kept))
     S_read, kept_k, kept_v, _, kept_at = (mx.stack(x, axis=2) if len(read) > 1 else x[0][:, :, None] for x in zip(*read))
     front, pending = o % C, slice(o // C - last_seen, -1)  # pending: the block before each query block

@@ -24,14 +24,14 @@ def distinct_tokens(batch, length, seed=1):
     return mx.stack([mx.random.permutation(TINY["vocab_size"])[:length] for _ in range(batch)])
 
 
-def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True):
+def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True, horizon=2048):
     """Token by token. At the start of block b (t = bC, C = W) the cache and the keys of block
     b - 2 (sinks aside) are ranked by || phi(k) S / phi(k) z - v ||^2 summed over the query heads
     of their KV head, S and z as they were; the `slots` largest stay (equal scores: the older),
     the rest (and the block's sinks) join the state.
     Query t = bC + r reads exactly: the window and sinks, block b - 1's keys up to t - W (their
     true positions), the cache (scored 2W positions back); and the state, each key decayed by
-    2^(-(t - W - s) / half_life)."""
+    2^(-(t - W - s) / half_life). Keys more than `horizon` back at a boundary join the state."""
     B, L, _ = x.shape
     H, Hkv, m, W = attn.n_heads, attn.n_kv_heads, attn.method, WINDOW
     R = H // Hkv
@@ -56,6 +56,8 @@ def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True):
             for t in range(L):
                 if t % W == 0:  # a boundary
                     candidates = cache + [s for s in range(t - 2 * W, t - W) if s >= sinks]
+                    expired = [s for s in candidates if s < t - horizon]
+                    candidates = [s for s in candidates if s >= t - horizon]
 
                     def error(s):
                         total = 0.0
@@ -68,7 +70,7 @@ def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True):
 
                     ranked = sorted(candidates, key=lambda s: (-error(s), s))
                     cache = sorted(ranked[:slots])
-                    state += ranked[slots:] + list(range(max(0, t - 2 * W), min(sinks, t - W)))  # sinks too
+                    state += expired + ranked[slots:] + list(range(max(0, t - 2 * W), min(sinks, t - W)))  # sinks too
                 block_start = t - t % W
                 pending = [s for s in range(block_start - W, t - W + 1) if s >= max(sinks, 0)]
                 recent = list(range(max(0, t - W + 1), t + 1))
@@ -98,7 +100,7 @@ def layer_input(attn, length, batch=2, seed=3):
     return mx.random.normal((batch, length, TINY["hidden_size"]))
 
 
-@pytest.mark.parametrize("options", [{}, {"half_life": 6.0, "after_rope": False}])
+@pytest.mark.parametrize("options", [{}, {"half_life": 6.0, "after_rope": False}, {"horizon": 20}])
 @pytest.mark.parametrize("slots,sinks", [(3, 0), (2, 2), (12, 1)])
 def test_follows_the_reference(slots, sinks, options):
     """41 tokens (five boundaries; the cache full, then keys moving between it and the state)."""

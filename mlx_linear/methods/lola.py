@@ -2,7 +2,8 @@
 the window, the `slots` per KV head that the linear state recalls worst (by self-recall error,
 || phi(k) S / phi(k) z - v ||^2) are kept exact and attended beside the window, under LoLCATs'
 shared denominator; the rest enter S and z as before. The cache has a fixed size, so memory is
-still constant. It is an inference-time change: a LoLCATs adapter loads as it is (the same
+still constant; a key more than `horizon` tokens back leaves it for the state (else, read from a
+fixed distance, stale keys pile up in long streams). It is an inference-time change: a LoLCATs adapter loads as it is (the same
 parameters), and LoLCATs' options apply. The math, its state and its blocks are in sparse.py.
 """
 
@@ -18,11 +19,13 @@ class LoLA(LoLCATs):
     name = "lola"
     state_size = 8  # S; the last two blocks' raw keys, values, features; the cache's, and its positions
 
-    def __init__(self, attention, slots=64, **options):
+    def __init__(self, attention, slots=64, horizon=2048, **options):
         super().__init__(attention, **options)
-        if slots not in range(1, 4097):
-            raise ValueError(f"slots={slots}: give a whole number of cached keys per KV head, 1 to 4096")
-        self.slots, self.scale, self.sinks = int(slots), attention.scale, attention.sinks
+        for fits, problem in ((slots in range(1, 4097), f"slots={slots}: give a whole number of cached keys per KV head, 1 to 4096"),
+                              (horizon in range(1 << 31), f"horizon={horizon}: give a whole number of tokens (0: none)")):
+            if not fits:
+                raise ValueError(problem)
+        self.slots, self.horizon, self.scale, self.sinks = int(slots), int(horizon), attention.scale, attention.sinks
 
     def steps_compiled(self, offset):
         return offset % self.window != 0  # a boundary (choosing the cache) is Python control flow
