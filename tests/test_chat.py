@@ -4,6 +4,7 @@ import gc
 import json
 import os
 import sys
+import time
 
 import mlx.core as mx
 import pexpect
@@ -383,7 +384,10 @@ def test_terminal_ctrl_c_stops_the_reply_and_keeps_the_chat(tiny):
         child.expect_exact(">>> ")
         tokens, _ = stats(child)
         assert tokens > 50
-    child.sendintr()  # at the prompt: a new prompt, the chat goes on
+    # At the prompt: a new prompt, the chat goes on. Wait until input() is waiting: CPython's
+    # readline checks signals only when its select() is interrupted, so an earlier ^C waits for a key.
+    time.sleep(1.0)
+    child.sendintr()
     child.expect_exact(">>> ")
     assert stats(child)[0] == tokens
     child.sendline("/quit")
