@@ -22,7 +22,9 @@ from recovery import LONG_TASKS, cached_evaluation
 
 from mlx_linear.adapters import ADAPTER_FILE
 from mlx_linear.convert import bundled_model
+from mlx_linear.convert.convert import method_options
 from mlx_linear.eval.report import number, percent, share
+from mlx_linear.methods import METHODS
 from mlx_linear.plot import line_plot
 
 BUCKETS = ("ppl@64-256", "ppl@256-1k", "ppl@1k-4k")
@@ -68,7 +70,8 @@ def main():
     conversion = json.loads(conversion_file.read_text())
     if conversion.get("method") not in ("lolcats", "lola"):
         parser.error(f"{args.adapter} is a {conversion.get('method')} adapter: LoLA runs on a LoLCATs adapter")
-    options = {k: v for k, v in conversion.get("options", {}).items() if k not in ("slots", "horizon")}  # LoLCATs' own
+    lolcats_options = method_options(METHODS["lolcats"])
+    options = {k: v for k, v in conversion.get("options", {}).items() if k in lolcats_options}
     conversion = {**conversion, "method": "lolcats", "options": options}
     try:
         slots = [int(n) for n in args.slots.split(",")]

@@ -2,6 +2,8 @@
 the three memories as explicit sets of positions: the window, the exact keys beyond it (the
 pending block and the cache) and the state."""
 
+import math
+
 import mlx.core as mx
 import pytest
 
@@ -31,7 +33,8 @@ def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True, horizon=2
     the rest (and the block's sinks) join the state.
     Query t = bC + r reads exactly: the window and sinks, block b - 1's keys up to t - W (their
     true positions), the cache (scored 2W positions back); and the state, each key decayed by
-    2^(-(t - W - s) / half_life). Keys more than `horizon` back at a boundary join the state."""
+    2^(-(t - W - s) / half_life). Keys more than `horizon` back at a boundary join the state
+    (horizon 0: none)."""
     B, L, _ = x.shape
     H, Hkv, m, W = attn.n_heads, attn.n_kv_heads, attn.method, WINDOW
     R = H // Hkv
@@ -56,8 +59,9 @@ def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True, horizon=2
             for t in range(L):
                 if t % W == 0:  # a boundary
                     candidates = cache + [s for s in range(t - 2 * W, t - W) if s >= sinks]
-                    expired = [s for s in candidates if s < t - horizon]
-                    candidates = [s for s in candidates if s >= t - horizon]
+                    oldest = t - horizon if horizon else -math.inf  # horizon 0: none
+                    expired = [s for s in candidates if s < oldest]
+                    candidates = [s for s in candidates if s >= oldest]
 
                     def error(s):
                         total = 0.0
@@ -100,7 +104,7 @@ def layer_input(attn, length, batch=2, seed=3):
     return mx.random.normal((batch, length, TINY["hidden_size"]))
 
 
-@pytest.mark.parametrize("options", [{}, {"half_life": 6.0, "after_rope": False}, {"horizon": 20}])
+@pytest.mark.parametrize("options", [{}, {"half_life": 6.0, "after_rope": False}, {"horizon": 20}, {"horizon": 0}])
 @pytest.mark.parametrize("slots,sinks", [(3, 0), (2, 2), (12, 1)])
 def test_follows_the_reference(slots, sinks, options):
     """41 tokens (five boundaries; the cache full, then keys moving between it and the state)."""

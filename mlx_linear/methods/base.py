@@ -23,6 +23,13 @@ class LinearMethod(nn.Module):
     def __init__(self, attention: nn.Module):
         super().__init__()
 
+    @staticmethod
+    def check_options(*checks):
+        """(holds, problem) pairs: the first that does not hold is the one-line error."""
+        for holds, problem in checks:
+            if not holds:
+                raise ValueError(problem)
+
     def steps_compiled(self, offset) -> bool:
         """Whether decode.py's compiled step takes the token at `offset` (not where the step
         needs Python control flow)."""

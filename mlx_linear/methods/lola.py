@@ -3,8 +3,8 @@ the window, the `slots` per KV head that the linear state recalls worst (by self
 || phi(k) S / phi(k) z - v ||^2) are kept exact and attended beside the window, under LoLCATs'
 shared denominator; the rest enter S and z as before. The cache has a fixed size, so memory is
 still constant; a key more than `horizon` tokens back leaves it for the state (else, read from a
-fixed distance, stale keys pile up in long streams). It is an inference-time change: a LoLCATs adapter loads as it is (the same
-parameters), and LoLCATs' options apply. The math, its state and its blocks are in sparse.py.
+fixed distance, stale keys pile up in long streams). It is an inference-time change: a LoLCATs
+adapter loads as it is (the same parameters), and LoLCATs' options apply. The math, its state and its blocks are in sparse.py.
 """
 
 import mlx.core as mx
@@ -21,10 +21,8 @@ class LoLA(LoLCATs):
 
     def __init__(self, attention, slots=64, horizon=2048, **options):
         super().__init__(attention, **options)
-        for fits, problem in ((slots in range(1, 4097), f"slots={slots}: give a whole number of cached keys per KV head, 1 to 4096"),
-                              (horizon in range(1 << 31), f"horizon={horizon}: give a whole number of tokens (0: none)")):
-            if not fits:
-                raise ValueError(problem)
+        self.check_options((slots in range(1, 4097), f"slots={slots}: give a whole number of cached keys per KV head, 1 to 4096"),
+                           (horizon in range(1 << 31), f"horizon={horizon}: give a whole number of tokens (0: none)"))
         self.slots, self.horizon, self.scale, self.sinks = int(slots), int(horizon), attention.scale, attention.sinks
 
     def steps_compiled(self, offset):

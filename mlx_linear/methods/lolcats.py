@@ -33,11 +33,9 @@ class LoLCATs(LinearMethod):
     def __init__(self, attention, window_factor=0.1, half_life=0.0, after_rope=True, feature_dim=0):
         super().__init__(attention)
         H, d = attention.n_heads, attention.q_proj.weight.shape[0] // attention.n_heads
-        for fits, problem in ((0 < window_factor < 1, f"window_factor={window_factor}: give a weight between 0 and 1, both excluded"),
-                              (half_life >= 0, f"half_life={half_life}: give a number of tokens, or 0 for no decay"),
-                              (feature_dim in range(d + 1), f"feature_dim={feature_dim}: give a whole number to {d} (0: {d // 2})")):
-            if not fits:
-                raise ValueError(problem)
+        self.check_options((0 < window_factor < 1, f"window_factor={window_factor}: give a weight between 0 and 1, both excluded"),
+                           (half_life >= 0, f"half_life={half_life}: give a number of tokens, or 0 for no decay"),
+                           (feature_dim in range(d + 1), f"feature_dim={feature_dim}: give a whole number to {d} (0: {d // 2})"))
         self.log_decay, self.after_rope, self.window = -math.log(2) / half_life if half_life else 0.0, after_rope, attention.window
         f = int(feature_dim) or d // 2
         self.q_map = self.k_map = mx.broadcast_to(mx.eye(d)[:, :f], (H, d, f))
