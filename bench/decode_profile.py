@@ -1,8 +1,10 @@
 """Where a decode token's time goes: each op family of the plain step timed alone, over all
-layers, beside the whole step, plain and compiled (mlx_linear/decode.py).
+layers, beside the whole step, plain and compiled (mlx_linear/decode.py). With --prefill N,
+where a prefill step of N tokens goes (the chat prefills in steps of 512).
 
     python bench/decode_profile.py                  # the chat's default model, 256-token context
     python bench/decode_profile.py --model paper    # the paper's Liger-GLA recipe
+    python bench/decode_profile.py --prefill 512    # one prefill step after the context
 
 Each family runs the model's own modules on one token's inputs for every layer, as one graph
 evaluated per token; families and the whole step are timed in interleaved rounds, so other
@@ -17,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_json  # noqa: E402  (loads the BLAS before mlx)
+from common import median_seconds, write_json  # noqa: E402  (loads the BLAS before mlx)
 
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
@@ -33,9 +35,11 @@ def prefilled(model, context):
     return cache, mx.argmax(logits[:, -1], axis=-1)
 
 
-def families(model, cache, token):
-    """{family: a function building one token's graph of that family over every layer}."""
-    x = model.model.embed_tokens(token[None])
+def families(model, cache, tokens):
+    """{family: a function building the graph of that family over every layer} for `tokens`
+    (1, L): one decode token, or a prefill step (whose window reads the cache's keys beside its own)."""
+    x = model.model.embed_tokens(tokens)
+    prefill = tokens.shape[1] > 1
     mx.eval(x)
     layers = [(layer, layer.self_attn, *c.caches) for layer, c in zip(model.layers, cache)]
     qkv = [tuple(a.project(x)) for _, a, _, _ in layers]
@@ -44,13 +48,12 @@ def families(model, cache, token):
     def rope_at(attention, window_cache):
         return lambda t: attention.rope(t, offset=window_cache.offset)
 
-    def window_inputs(a, window_cache, q, k):
-        rotated, keys = a.rope(q, offset=window_cache.offset), window_cache.keys
-        return rotated, keys, a.sink_queries(q, rotated, window_cache.offset)
-
     def window(a, w, q, k, v):
-        rotated, keys, sink_q = window_inputs(a, w, q, k)
-        return a.window_attention(rotated, keys, w.values, w.offset, sink_q)[0]
+        rotated, keys, values = a.rope(q, offset=w.offset), w.keys, w.values
+        if prefill:  # the cache's keys, then the step's own (timing only: ring order is kept)
+            keys = mx.concatenate([keys, a.rope(k, offset=w.offset)], axis=2)
+            values = mx.concatenate([values, v], axis=2)
+        return a.window_attention(rotated, keys, values, w.offset, a.sink_queries(q, rotated, w.offset))[0]
 
     def cache_update(w, k, v):
         keys, values = w.update_and_fetch(k, v)
@@ -58,7 +61,7 @@ def families(model, cache, token):
         w._idx -= 1
         return keys, values
 
-    return {
+    parts = {
         "q/k/v projections": lambda: [list(a.project(x)) for _, a, _, _ in layers],
         "o projection": lambda: [a.o_proj(x) for _, a, _, _ in layers],
         "MLP": lambda: [layer.mlp(x) for layer, *_ in layers],
@@ -69,11 +72,17 @@ def families(model, cache, token):
         "window cache update": lambda: [cache_update(w, k, v) for (_, _, _, w), (_, k, v) in zip(layers, qkv)],
         "embedding and LM head": lambda: model.lm_head(x) if hasattr(model, "lm_head") else model.model.embed_tokens.as_linear(x),
     }
+    if prefill:  # a prefill step's logits are never evaluated, and its cache update is a copy
+        del parts["embedding and LM head"], parts["window cache update"]
+    return parts
 
 
-def whole_step(model, cache, token):
-    """One decode step as mlx-lm runs it: the model, greedy sampling, the token read back."""
-    logits = model(token[None], cache=cache)
+def whole_step(model, cache, tokens):
+    """One step as mlx-lm runs it: decode, the model, greedy sampling and the token read back;
+    prefill, the model with the caches evaluated (its logits are not)."""
+    logits = model(tokens, cache=cache)
+    if tokens.shape[1] > 1:
+        return mx.eval([c.state for c in cache])
     return mx.argmax(logits[:, -1], axis=-1).item()
 
 
@@ -84,41 +93,59 @@ def timed(build):
     return time.perf_counter() - start
 
 
-def profile(model, cache, token, rounds):
-    parts = families(model, cache, token)
-    times = {name: [] for name in [*parts, "graph building only", "whole step", "whole step, compiled"]}
+def profile(model, cache, tokens, rounds):
+    parts = families(model, cache, tokens)
+    steps = ((False, "whole step"),) + (((True, "whole step, compiled"),) if tokens.shape[1] == 1 else ())
+    times = {name: [] for name in [*parts, "graph building only", *(name for _, name in steps)]}
     for _ in range(rounds):
         for name, build in parts.items():
             times[name].append(timed(build))
         model.compile_decode = False
         start = time.perf_counter()
-        graph = model(token[None], cache=cache)
+        graph = model(tokens, cache=cache)
         times["graph building only"].append(time.perf_counter() - start)
         mx.eval(graph)
-        for compiled, name in ((False, "whole step"), (True, "whole step, compiled")):
+        for compiled, name in steps:
             model.compile_decode = compiled
             start = time.perf_counter()
-            whole_step(model, cache, token)
+            whole_step(model, cache, tokens)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def elementwise_rates(elements, repeats=9):
+    """Million elements a second of MLX's CPU ops on float32 of this size: the transcendentals
+    (softmaxes, gates, decays) against a multiply."""
+    x = mx.random.normal((elements,))
+    mx.eval(x)
+    ops = {"exp": mx.exp, "power(2, x)": lambda t: mx.power(2.0, t), "multiply": lambda t: t * t}
+    return {name: elements / median_seconds(lambda: mx.eval(op(x)), repeats) / 1e6 for name, op in ops.items()}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="chat", choices=[m for m in DESCRIPTIONS if m != "none"])
     parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--prefill", type=int, default=0, help="profile a prefill step of N tokens instead")
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
     model, _ = load_bench_model(args.model)
     cache, token = prefilled(model, args.context)
-    whole_step(model, cache, token)  # traces the compiled step
-    ms = profile(model, cache, token, args.rounds)
+    tokens = mx.random.randint(0, model.model.embed_tokens.weight.shape[0], (1, args.prefill)) if args.prefill else token[None]
+    whole_step(model, cache, tokens)  # traces the compiled step
+    ms = profile(model, cache, tokens, args.rounds)
     parts = sum(v for k, v in ms.items() if not k.startswith(("graph building", "whole step")))
     ms["whole step beyond the families (scheduling, Python)"] = ms["whole step"] - parts
+    unit = f"ms a step of {args.prefill}" if args.prefill else "ms a token"
     for name, value in ms.items():
-        print(f"{name:52s} {value:7.2f} ms  {value / ms['whole step']:6.1%}")
-    report = {"model": DESCRIPTIONS[args.model], "context": args.context, "ms_per_token": ms}
-    print(f"wrote {write_json(f'decode_profile_{args.model}', report)}")
+        print(f"{name:52s} {value:8.2f} {unit}  {value / ms['whole step']:6.1%}")
+    report = {"model": DESCRIPTIONS[args.model], "context": args.context, "tokens": tokens.shape[1], "ms": ms}
+    if args.prefill:
+        rates = elementwise_rates(args.prefill * model.layers[0].self_attn.n_heads * 128)
+        print("MLX CPU elementwise, M elements/s: " + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items()))
+        report["elementwise_m_per_s"] = rates
+    name = f"prefill_profile_{args.model}" if args.prefill else f"decode_profile_{args.model}"
+    print(f"wrote {write_json(name, report)}")
 
 
 if __name__ == "__main__":

@@ -16,18 +16,11 @@ its second pass is gla_scan. See gsa_scan.
 import mlx.core as mx
 
 from . import kernels
+from .fastmath import LOG2_E, exp, exp2, softmax
 
 CHUNK = 64
 SUB_CHUNK = 8
 RECURRENT_MAX_LEN = 16
-LOG2_E = 1.4426950408889634
-
-
-def exp2(x):
-    # 2^x through pow: ~2.5x faster than exp on MLX's CPU backend, as accurate.
-    return mx.power(2.0, x)
-
-
 def _group_queries(q, num_state_heads):
     """(B, H, ...) -> (B, Hs, H / Hs, ...): the query heads that read each state head."""
     return q.reshape(q.shape[0], num_state_heads, q.shape[1] // num_state_heads, *q.shape[2:])
@@ -43,14 +36,14 @@ def _initial_state(k, v, state):
 @mx.compile
 def gla_step(q, k, v, log_g, state):
     """One token: q (B, Hs, R, dk), k and log_g (B, Hs, dk), v (B, Hs, dv)."""
-    state = mx.exp(log_g)[..., None] * state + k[..., :, None] * v[..., None, :]
+    state = exp(log_g)[..., None] * state + k[..., :, None] * v[..., None, :]
     return q @ state, state
 
 
 @mx.compile
 def slot_step(q, k, s, log_g, state):
     """One token of GSA's first pass: log_g (B, Hs, M) decays the state's columns, the slots."""
-    state = state * mx.exp(log_g)[..., None, :] + k[..., :, None] * s[..., None, :]
+    state = state * exp(log_g)[..., None, :] + k[..., :, None] * s[..., None, :]
     return q @ state, state
 
 
@@ -200,5 +193,5 @@ def gsa_scan(q, k, v, s, log_g, key_state=None, value_state=None):
     Returns (output, key_state, value_state). The second pass is gla_scan, so it runs the Metal kernels.
     """
     scores, key_state = slot_scan(q, k, s, log_g, key_state)
-    output, value_state = gla_scan(mx.softmax(scores, axis=-1), s, v, log_g, value_state)
+    output, value_state = gla_scan(softmax(scores), s, v, log_g, value_state)
     return output, key_state, value_state

@@ -17,6 +17,8 @@ the cache's raw keys, values, features and positions (-1: an empty slot).
 
 import mlx.core as mx
 
+from .fastmath import exp
+
 
 def empty_state(B, H, Hkv, C, slots, d, F):
     zeros = mx.zeros
@@ -51,9 +53,9 @@ def boundary(S, cache, block, start, sinks, log_decay, horizon=0):
     keep = mx.sort(order[..., :slots], axis=-1)  # the cache stays in the order of positions
     stays = mx.take_along_axis(eligible, keep, axis=-1)
     cached = (mx.argsort(order, axis=-1) < slots) & eligible
-    weight = mx.where(cached, 0.0, mx.exp(log_decay * (start - C - positions)))  # decayed since it left the window
+    weight = mx.where(cached, 0.0, exp(log_decay * (start - C - positions)))  # decayed since it left the window
     written = (features * mx.repeat(weight, groups, axis=1)[..., None]).swapaxes(-1, -2)
-    S = mx.exp(log_decay * C) * S + written @ mx.repeat(with_ones(values), groups, axis=1)
+    S = exp(log_decay * C) * S + written @ mx.repeat(with_ones(values), groups, axis=1)
     picked = [mx.take_along_axis(x, mx.repeat(keep, x.shape[1] // keep.shape[1], axis=1)[..., None], axis=2)
               * mx.repeat(stays, x.shape[1] // keep.shape[1], axis=1)[..., None] for x in (keys, values, features)]
     return S, (*picked, mx.where(stays, mx.take_along_axis(positions, keep, axis=-1), -1.0))
@@ -125,7 +127,7 @@ def read_terms(method, rope, q, q_features, S, pending, kept, rows, by_block, ne
     """Per query block (B, H, n, R, .): the state's numerator and denominator (decayed from the
     block's start to each row), then the exact keys' terms. `pending`, `kept`: raw keys, values
     and positions per query block; the pending keys lie from position 0, the queries from `near_offset`."""
-    linear = (by_block(q_features) @ S) * mx.exp(method.log_decay * rows)[:, None]
+    linear = (by_block(q_features) @ S) * exp(method.log_decay * rows)[:, None]
     near_q = by_block(rope(q, near_offset))  # so that q.k sees their true distance
     far_q = by_block(rope(q[..., None, :], 2 * method.window)[..., 0, :])
     keys = rope(pending[0].reshape(*pending[0].shape[:2], -1, pending[0].shape[-1]), 0).reshape(pending[0].shape)
@@ -148,7 +150,7 @@ def exact_terms(near_q, far_q, rows, pending, kept, sinks, scale):
                               mx.broadcast_to(kept[2][:, :, None, :, None] >= 0, (B, Hkv, 1, n, R, kept[2].shape[-1]))], axis=-1)
     scores = mx.where(visible, scores, -mx.inf)
     top = scores.max(axis=-1, keepdims=True)
-    exps = mx.exp(scores - mx.where(top > -mx.inf, top, 0))
+    exps = exp(scores - mx.where(top > -mx.inf, top, 0))
     num = exps[..., :C] @ pending[1][:, :, None] + exps[..., C:] @ kept[1][:, :, None]
     return num.reshape(B, H, n, R, d), exps.sum(-1, keepdims=True).reshape(B, H, n, R, 1), top.reshape(B, H, n, R, 1)
 
@@ -159,5 +161,5 @@ def combine(terms, window, stats, weight):
     num, den, exact_num, exact_den, exact_top = mx.split(terms, [d, d + 1, 2 * d + 1, 2 * d + 2], axis=-1)
     mass, top = stats[..., :1], stats[..., 1:]
     both = mx.maximum(top, exact_top)
-    own, exact = mx.exp(top - both), weight * mx.exp(exact_top - both)
+    own, exact = exp(top - both), weight * exp(exact_top - both)
     return (own * (weight * mass * window + num) + exact * exact_num) / (own * (weight * mass + den) + exact * exact_den)

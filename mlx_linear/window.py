@@ -7,6 +7,8 @@ query never sits further from the sinks than just past the window (see attention
 
 import mlx.core as mx
 
+from .fastmath import exp
+
 
 def _block_mask(num_blocks, window, missing):
     """(num_blocks, W, 2W): query r of block b sees key c of its 2W keys iff r < c <= W + r.
@@ -31,7 +33,7 @@ def masked_softmax(scores, mask):
     and max: the window's share in a denominator shared with other terms (LoLCATs)."""
     scores = mx.where(mask, scores.astype(mx.float32), -mx.inf)
     top = scores.max(axis=-1, keepdims=True)
-    exps = mx.exp(scores - top)
+    exps = exp(scores - top)
     mass = exps.sum(axis=-1, keepdims=True)
     return exps / mass, mx.concatenate([mass, top], axis=-1)
 

@@ -19,8 +19,8 @@ Options (the defaults are the paper's method):
 import math
 
 import mlx.core as mx
-import mlx.nn as nn
 
+from ..fastmath import log_sigmoid, softmax
 from . import register
 from .base import LinearMethod
 
@@ -49,12 +49,12 @@ class LigerGLA(LinearMethod):
 
     def features(self, q, k, v, rope):
         q, k = q.astype(mx.float32), k.astype(mx.float32)
-        log_gate = nn.log_sigmoid(k) / self.gate_normalizer  # from the raw key, whatever the maps
+        log_gate = log_sigmoid(k) / self.gate_normalizer  # from the raw key, whatever the maps
         if "q_map" in self:
             q, k = q @ self.q_map, k @ self.k_map
         if self.normalize:
             v = mx.concatenate([v.astype(mx.float32), mx.ones(v.shape[:-1] + (1,))], axis=-1)
-        return mx.softmax(q, axis=-1), mx.softmax(k, axis=-1), v, log_gate
+        return softmax(q), softmax(k), v, log_gate
 
     def readout(self, output):
         if not self.normalize:

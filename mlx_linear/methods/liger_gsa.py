@@ -16,8 +16,8 @@ the code's config class defaults to 64, which is SmolLM2's head dim.
 """
 
 import mlx.core as mx
-import mlx.nn as nn
 
+from ..fastmath import log_sigmoid
 from . import register
 from ..scan import gsa_scan
 from .base import LinearMethod
@@ -49,7 +49,7 @@ class LigerGSA(LinearMethod):
         k = k.astype(mx.float32)
         pooled = k.transpose(0, 2, 1, 3).reshape(B, L, Hkv * d) @ self._pool
         pooled = pooled.reshape(B, L, Hkv, -1).transpose(0, 2, 1, 3)
-        return q.astype(mx.float32), k, v, nn.log_sigmoid(pooled) / GATE_NORMALIZER
+        return q.astype(mx.float32), k, v, log_sigmoid(pooled) / GATE_NORMALIZER
 
     def scan(self, q, k, v, log_gate, key_state=None, value_state=None):
         slots = -mx.expm1(log_gate)  # s = 1 - a: what each slot takes of the token

@@ -13,8 +13,8 @@ as liger-gla's: every query head of a GQA group reads one state.
 """
 
 import mlx.core as mx
-import mlx.nn as nn
 
+from ..fastmath import log_sigmoid, softmax
 from . import register
 from .base import LinearMethod
 
@@ -25,4 +25,4 @@ class LigerHGRN2(LinearMethod):
 
     def features(self, q, k, v, rope):
         q, k = q.astype(mx.float32), k.astype(mx.float32)
-        return mx.softmax(q, axis=-1), mx.sigmoid(-k), v, nn.log_sigmoid(k)  # sigmoid(-k) = 1 - sigmoid(k)
+        return softmax(q), mx.sigmoid(-k), v, log_sigmoid(k)  # sigmoid(-k) = 1 - sigmoid(k)

@@ -14,6 +14,7 @@ import math
 
 import mlx.core as mx
 
+from ..fastmath import softmax
 from . import register
 from .base import LinearMethod
 
@@ -21,7 +22,7 @@ from .base import LinearMethod
 def hedgehog(x, weights):
     """[softmax(x W), softmax(-x W)] per head: x (B, H, L, d), weights (H, d, f)."""
     y = x.astype(mx.float32) @ weights
-    return mx.concatenate([mx.softmax(y, axis=-1), mx.softmax(-y, axis=-1)], axis=-1)
+    return mx.concatenate([softmax(y), softmax(-y)], axis=-1)
 
 
 @register
