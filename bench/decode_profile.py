@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import median_seconds, write_json  # noqa: E402  (loads the BLAS before mlx)
+from common import matmul_rate, median_seconds, write_json  # noqa: E402  (loads the BLAS before mlx)
 
 import mlx.core as mx  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
+from decode import prefill_flops  # noqa: E402
 from models import DESCRIPTIONS, load_bench_model  # noqa: E402
 
 
@@ -122,6 +123,19 @@ def elementwise_rates(elements, repeats=9):
     return {name: elements / median_seconds(lambda: mx.eval(op(x)), repeats) / 1e6 for name, op in ops.items()}
 
 
+def prefill_rates(model, ms, tokens):
+    """The step's and its linears' FLOP rates against a 2048^3 matmul's (the prefill bound),
+    and the elementwise rates beside them."""
+    bound, flops = matmul_rate(), prefill_flops(model) * tokens
+    linears_ms = ms["q/k/v projections"] + ms["o projection"] + ms["MLP"]
+    rates = {"whole step": flops / ms["whole step"] / 1e6, "linears alone": flops / linears_ms / 1e6}
+    for name, rate in rates.items():
+        print(f"{name}: {rate:,.0f} GFLOP/s, {rate * 1e9 / bound:.0%} of a 2048^3 matmul's {bound / 1e9:,.0f}")
+    elementwise = elementwise_rates(tokens * model.layers[0].self_attn.n_heads * 128)
+    print("MLX CPU elementwise, M elements/s: " + ", ".join(f"{k} {v:,.0f}" for k, v in elementwise.items()))
+    return {"gflops": rates, "matmul_gflops": bound / 1e9, "elementwise_m_per_s": elementwise}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="chat", choices=[m for m in DESCRIPTIONS if m != "none"])
@@ -141,9 +155,7 @@ def main():
         print(f"{name:52s} {value:8.2f} {unit}  {value / ms['whole step']:6.1%}")
     report = {"model": DESCRIPTIONS[args.model], "context": args.context, "tokens": tokens.shape[1], "ms": ms}
     if args.prefill:
-        rates = elementwise_rates(args.prefill * model.layers[0].self_attn.n_heads * 128)
-        print("MLX CPU elementwise, M elements/s: " + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items()))
-        report["elementwise_m_per_s"] = rates
+        report.update(prefill_rates(model, ms, args.prefill))
     name = f"prefill_profile_{args.model}" if args.prefill else f"decode_profile_{args.model}"
     print(f"wrote {write_json(name, report)}")
 
