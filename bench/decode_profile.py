@@ -124,11 +124,11 @@ def elementwise_rates(elements, repeats=9):
 
 
 def prefill_rates(model, ms, tokens):
-    """The step's and its linears' FLOP rates against a 2048^3 matmul's (the prefill bound),
-    and the elementwise rates beside them."""
+    """The step's FLOP rate, and that of its projections and MLP alone, against a 2048^3
+    matmul's (the prefill bound); the elementwise rates beside them."""
     bound, flops = matmul_rate(), prefill_flops(model) * tokens
     linears_ms = ms["q/k/v projections"] + ms["o projection"] + ms["MLP"]
-    rates = {"whole step": flops / ms["whole step"] / 1e6, "linears alone": flops / linears_ms / 1e6}
+    rates = {"whole step": flops / ms["whole step"] / 1e6, "projections and MLP alone": flops / linears_ms / 1e6}
     for name, rate in rates.items():
         print(f"{name}: {rate:,.0f} GFLOP/s, {rate * 1e9 / bound:.0%} of a 2048^3 matmul's {bound / 1e9:,.0f}")
     elementwise = elementwise_rates(tokens * model.layers[0].self_attn.n_heads * 128)
