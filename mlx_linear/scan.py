@@ -21,6 +21,8 @@ from .fastmath import LOG2_E, exp, exp2, softmax
 CHUNK = 64
 SUB_CHUNK = 8
 RECURRENT_MAX_LEN = 16
+
+
 def _group_queries(q, num_state_heads):
     """(B, H, ...) -> (B, Hs, H / Hs, ...): the query heads that read each state head."""
     return q.reshape(q.shape[0], num_state_heads, q.shape[1] // num_state_heads, *q.shape[2:])

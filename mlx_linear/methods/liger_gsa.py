@@ -17,8 +17,8 @@ the code's config class defaults to 64, which is SmolLM2's head dim.
 
 import mlx.core as mx
 
-from ..fastmath import log_sigmoid
 from . import register
+from ..fastmath import log_sigmoid
 from ..scan import gsa_scan
 from .base import LinearMethod
 from .liger_gla import GATE_NORMALIZER
