@@ -51,9 +51,12 @@ VARIANTS = {
     "lolcats-pre-rope": ({"method": "lolcats", "sinks": 4, "options": {"after_rope": False, "half_life": 256}},
                          {"objective": "ce", "method_lr": 1e-3, "grad_accumulation": 4},
                          {"method_lr": 1e-2, "grad_accumulation": 1}),
-    # The paper's other gate forms, with ours' four sinks (they have no normaliser, mix or maps).
+    # The paper's other gate forms, with ours' four sinks (they have no normaliser or maps).
     "liger-hgrn2": ({"method": "liger-hgrn2", "sinks": 4}, {"objective": "ce"}, None),
     "liger-gsa": ({"method": "liger-gsa", "sinks": 4}, {"objective": "ce"}, None),
+    # GSA with ours' learned per-head mix, from 0.1: training can weigh its slots down.
+    "liger-gsa-mix": ({"method": "liger-gsa", "sinks": 4, "options": {"mix": 0.1, "learned_mix": True}},
+                      {"objective": "ce", "method_lr": 1e-2}, None),
 }
 
 

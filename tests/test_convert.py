@@ -318,10 +318,12 @@ def test_mismatched_weights_are_a_user_error(tmp_path):
     ("lola", "half_life=-1", ["half_life=-1", "number of tokens"]),
     ("lola", "mix=0.5", ["no option 'mix'", "slots, horizon, window_factor, half_life"]),
     ("lola", "horizon=-5", ["horizon=-5", "whole number of tokens"]),
-    ("liger-hgrn2", "mix=0.5", ["no option 'mix'", "its options: none"]),
+    ("liger-hgrn2", "slots=4", ["no option 'slots'", "its options: mix, learned_mix"]),
+    ("liger-hgrn2", "mix=1", ["mix=1", "strictly between 0 and 1"]),
     ("liger-gsa", "slots=-4", ["slots=-4", "whole number"]),
     ("liger-gsa", "slots=2.5", ["slots=2.5", "whole number"]),
-    ("liger-gsa", "pool_size=8", ["no option 'pool_size'", "slots"]),
+    ("liger-gsa", "pool_size=8", ["no option 'pool_size'", "slots, mix, learned_mix"]),
+    ("liger-gsa", "mix=0", ["mix=0", "strictly between 0 and 1"]),
 ])
 def test_bad_method_options(hf_checkpoints, tmp_path, method, option, words):
     result = cli("--hf", str(hf_checkpoints["llama"]), "--method", method, "--method-option", option, "-o", str(tmp_path / "o"))

@@ -20,7 +20,7 @@ def pool(k, slots):
     return mx.stack([k[..., a:b].mean(-1) for a, b in bins], axis=-1)
 
 
-def reference_gsa(attn, x, window=8, sinks=0, slots=None):
+def reference_gsa(attn, x, window=8, sinks=0, slots=None, mix=0.5):
     """Per query head: a = sigmoid(pool(k))^(1/16), s = 1 - a; keys into slots, a softmax over the
     slots, slots into values, each memory decayed by a before the token writes; then the mix."""
     B, L, _ = x.shape
@@ -38,7 +38,7 @@ def reference_gsa(attn, x, window=8, sinks=0, slots=None):
         weights = mx.softmax((q[:, :, t, None, :] @ key_memory)[:, :, 0], axis=-1)
         value_memory = value_memory * a[:, :, t, :, None] + s[:, :, t, :, None] * v[:, :, t, None, :]
         outputs.append((weights[:, :, None, :] @ value_memory)[:, :, 0])
-    return mixed_output(attn, mx.stack(outputs, axis=2), reference_window(attn, x, window, sinks))
+    return mixed_output(attn, mx.stack(outputs, axis=2), reference_window(attn, x, window, sinks), mix)
 
 
 @pytest.mark.parametrize("model_type,sinks,slots", [("llama", 0, None), ("qwen3", 2, None), ("llama", 0, 6)])
@@ -46,6 +46,14 @@ def test_follows_the_released_code(model_type, sinks, slots):
     options = {"slots": slots} if slots else {}
     attn = tiny_model(model_type, sinks=sinks, method="liger-gsa", options=options).layers[1].self_attn
     assert_follows(attn, lambda x: reference_gsa(attn, x, sinks=sinks, slots=slots))
+
+
+def test_learned_mix_weighs_each_head():
+    attn = tiny_model(method="liger-gsa", options={"mix": 0.2, "learned_mix": True}).layers[1].self_attn
+    assert mx.allclose(attn.method.mix_weight(), mx.array(0.2)).item()  # it starts at `mix`
+    attn.method.mix_logit = mx.random.normal((TINY["num_attention_heads"], 1, 1))  # as if trained
+    mix = 1 / (1 + mx.exp(-attn.method.mix_logit))
+    assert_follows(attn, lambda x: reference_gsa(attn, x, mix=mix))
 
 
 def test_pooling_is_pytorchs_adaptive_average():

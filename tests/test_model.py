@@ -64,6 +64,14 @@ def test_normalized_and_mixed_variant(learned_mix):
     assert ("method.mix_logit" in dict(tree_flatten(attn.parameters()))) == learned_mix
 
 
+@pytest.mark.parametrize("method,gates", [("liger-gla", None), ("liger-hgrn2", hgrn2_gates)])
+def test_learned_mix_weighs_each_head(method, gates):
+    attn = tiny_model("qwen3", sinks=2, method=method, options={"mix": 0.2, "learned_mix": True}).layers[1].self_attn
+    attn.method.mix_logit = mx.random.normal((TINY["num_attention_heads"], 1, 1))  # as if trained
+    mix = 1 / (1 + mx.exp(-attn.method.mix_logit))
+    assert_follows(attn, lambda x: reference_liger(attn, x, window=8, sinks=2, mix=mix, gates=gates))
+
+
 def test_gate_normalizer():
     model = tiny_model("llama", sinks=1, options={"gate_normalizer": 256, "normalize": True})
     attn = model.layers[0].self_attn

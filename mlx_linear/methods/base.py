@@ -8,6 +8,8 @@ Scans, caches, conversion and the CLI only talk to this interface, so a new meth
 new module.
 """
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -47,8 +49,17 @@ class LinearMethod(nn.Module):
     def readout(self, output):
         return output
 
+    def set_mix(self, attention, mix, learned_mix=False):
+        """The linear branch's weight, `mix`; with `learned_mix`, one trainable weight per query
+        head, sigmoid(w), starting at `mix` (training can weigh the branch down)."""
+        if not 0 < mix < 1:
+            raise ValueError(f"mix={mix}: the linear branch's weight must lie strictly between 0 and 1")
+        self.linear_weight = mix
+        if learned_mix:
+            self.mix_logit = mx.full((attention.n_heads, 1, 1), math.log(mix / (1 - mix)))
+
     def mix_weight(self):
-        return self.linear_weight
+        return mx.sigmoid(self.mix_logit) if "mix_logit" in self else self.linear_weight
 
     def mix(self, linear, window, window_mass=None):
         weight = self.mix_weight()

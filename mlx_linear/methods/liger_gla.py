@@ -16,8 +16,6 @@ Options (the defaults are the paper's method):
   let the linear branch adapt without moving the window branch's q and k).
 """
 
-import math
-
 import mlx.core as mx
 
 from ..fastmath import log_sigmoid, softmax
@@ -35,13 +33,10 @@ class LigerGLA(LinearMethod):
     def __init__(self, attention, normalize=False, mix=0.5, learned_mix=False, feature_proj=False,
                  gate_normalizer=GATE_NORMALIZER):
         super().__init__(attention)
-        if not 0 < mix < 1:
-            raise ValueError(f"mix={mix}: the linear branch's weight must lie strictly between 0 and 1")
         if gate_normalizer <= 0:
             raise ValueError(f"gate_normalizer={gate_normalizer}: must be positive")
-        self.normalize, self.linear_weight, self.gate_normalizer = normalize, mix, gate_normalizer
-        if learned_mix:
-            self.mix_logit = mx.full((attention.n_heads, 1, 1), math.log(mix / (1 - mix)))
+        self.normalize, self.gate_normalizer = normalize, gate_normalizer
+        self.set_mix(attention, mix, learned_mix)
         if feature_proj:
             d = attention.q_proj.weight.shape[0] // attention.n_heads
             self.q_map = mx.broadcast_to(mx.eye(d), (attention.n_heads, d, d))
@@ -60,6 +55,3 @@ class LigerGLA(LinearMethod):
         if not self.normalize:
             return output
         return output[..., :-1] / (output[..., -1:] + EPS)
-
-    def mix_weight(self):
-        return mx.sigmoid(self.mix_logit) if "mix_logit" in self else self.linear_weight

@@ -10,9 +10,12 @@ and that reads from an M x d memory the values s wrote, both memories decayed by
 raw keys side by side (after a Qwen3 k_norm), as in the code. The state is the two memories per
 KV head: every query head of a GQA group reads them.
 
-Option slots (M): 0, the default, is the head dim, as in the released checkpoint's config
-(pool_size 128 for Llama-3-8B's 128-dim heads), so the pooling is an identity, as liger-gla's;
-the code's config class defaults to 64, which is SmolLM2's head dim.
+Options:
+- slots (M): 0, the default, is the head dim, as in the released checkpoint's config (pool_size
+  128 for Llama-3-8B's 128-dim heads), so the pooling is an identity, as liger-gla's; the code's
+  config class defaults to 64, which is SmolLM2's head dim;
+- mix, learned_mix: the linear branch's weight, fixed (0.5, the paper's) or learned per query
+  head from `mix`, as liger-gla's.
 """
 
 import mlx.core as mx
@@ -37,8 +40,9 @@ class LigerGSA(LinearMethod):
     name = "liger-gsa"
     state_size = 2  # the keys' d x M memory, then the values' M x d memory
 
-    def __init__(self, attention, slots=0):
+    def __init__(self, attention, slots=0, mix=0.5, learned_mix=False):
         super().__init__(attention)
+        self.set_mix(attention, mix, learned_mix)
         if not isinstance(slots, int) or slots < 0:
             raise ValueError(f"slots={slots}: give a whole number of slots per head, or 0 for the head dim")
         Hkv, d = attention.n_kv_heads, attention.q_proj.weight.shape[0] // attention.n_heads

@@ -10,6 +10,9 @@ Liger-GLA's, the code does not divide it by 16. The paper's table pools the key;
 code that pooling is an identity (AdaptiveAvgPool1d to the key's own width) and the layer's lower
 bound on the gate is never set, so every layer uses the gate above. The state lives per KV head,
 as liger-gla's: every query head of a GQA group reads one state.
+
+Options mix and learned_mix: the linear branch's weight, fixed (0.5, the paper's) or learned per
+query head from `mix`, as liger-gla's.
 """
 
 import mlx.core as mx
@@ -22,6 +25,10 @@ from .base import LinearMethod
 @register
 class LigerHGRN2(LinearMethod):
     name = "liger-hgrn2"
+
+    def __init__(self, attention, mix=0.5, learned_mix=False):
+        super().__init__(attention)
+        self.set_mix(attention, mix, learned_mix)
 
     def features(self, q, k, v, rope):
         q, k = q.astype(mx.float32), k.astype(mx.float32)
