@@ -31,6 +31,6 @@ def load_bench_model(name):
     adapter = bundled_adapter()
     conversion = json.loads(Path(adapter, CONVERSION_FILE).read_text())
     folder = bundled_model(log=log, quantize=name.startswith("chat-4bit"), **conversion)
-    model, tokenizer = mlx_linear.load(folder, adapter_path=adapter, dequantize=name != "chat-4bit-kept")
+    model, tokenizer = mlx_linear.load(folder, adapter_path=adapter, dequantize=name != "chat-4bit-kept", fuse_adapter=True)
     model.compile_decode = name != "chat-plain"
     return model, tokenizer

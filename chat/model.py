@@ -42,7 +42,7 @@ def load_chat_model(model=None, adapter=None, log=print, dequantize="auto"):
         conversion = json.loads(conversion_file.read_text()) if adapter and conversion_file.is_file() else {}
         model = bundled_model(log=log, **conversion)
     name = Path(model).name + (f" + {Path(adapter).name}" if adapter else "")
-    return (*load(model, adapter_path=adapter, dequantize=dequantize), name)
+    return (*load(model, adapter_path=adapter, dequantize=dequantize, fuse_adapter=True), name)
 
 
 def fingerprint(model, samples=256) -> str:

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .errors import UserError
@@ -82,6 +82,15 @@ def load_adapter(model, folder, name=ADAPTER_FILE):
     """Add the adapter's LoRA layers to `model` and load its weights."""
     apply_lora(model, read_adapter_config(folder))
     return load_adapter_weights(model, folder, name)
+
+
+def fuse_lora(model, dequantize=False, quantized=True) -> int:
+    """Merge every LoRA layer into its base weight (one matmul a layer instead of three);
+    `quantized=False` leaves those on quantized weights, which merging would re-quantize."""
+    fused = [(name, m.fuse(dequantize=dequantize)) for name, m in model.named_modules()
+             if hasattr(m, "fuse") and (quantized or not isinstance(m.linear, nn.QuantizedLinear))]
+    model.update_modules(tree_unflatten(fused))
+    return len(fused)
 
 
 def load_adapter_weights(model, folder, name=ADAPTER_FILE):

@@ -13,6 +13,7 @@ from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import RotatingKVCache
 
 from .decode import StepCache
+from .rotary import RotaryTables, Rotation
 from .window import attention_step, sliding_window_attention
 
 PRETRAINED = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
@@ -32,13 +33,40 @@ def keep_last(cache):
 
 
 class Rope:
-    """The layer's RoPE from a call's first position (`offset`), or from another (`at`)."""
+    """The layer's RoPE for one call: its tokens from the call's first position (`offset`), or from
+    another (`at`); `fixed` puts every token at one position. `tables` (rotary.RotaryTables, or
+    None) serve the positions they hold; in the compiled decode step, `rotation` is the step's own."""
 
-    def __init__(self, rope, offset):
-        self.rope, self.offset = rope, offset
+    def __init__(self, rope, offset, tables=None, rotation=None):
+        self.rope, self.offset, self.tables, self.rotation = rope, offset, tables, rotation
 
     def __call__(self, x, at=None):
-        return self.rope(x, offset=self.offset if at is None else at)
+        if at is None:
+            return self.rope(x, offset=self.offset) if self.rotation is None else self.rotation.rotate(x)
+        rows = self.table_rows(at, x.shape[-2])
+        return self.rope(x, offset=at) if rows is None else rows.rotate(x)
+
+    def table_rows(self, at, length):
+        """The tables' rotation of `length` tokens from `at` (a decode step's 0-d array: one
+        token), or None where they do not hold it."""
+        if self.tables is None:
+            return None
+        if isinstance(at, mx.array):
+            return self.tables.fixed[at]
+        return self.tables.fixed[at : at + length] if at + length <= self.tables.size else None
+
+    def fixed(self, x, at):
+        if self.tables is not None:
+            return self.tables.fixed[at].rotate(x)
+        return self.rope(x[..., None, :], offset=at)[..., 0, :]
+
+    def rows(self, x, positions):
+        """One token's x (..., 1, d) at each of `positions` (None: the offset; else fixed, an int or
+        a decode step's array): (..., 1, P, d), in one elementwise op where the tables serve."""
+        if self.tables is None or (self.rotation is None and None in positions):
+            return mx.stack([self(x) if p is None else self.fixed(x, p) for p in positions], axis=-2)
+        rows = [self.rotation if p is None else self.tables.fixed[p] for p in positions]
+        return Rotation(mx.stack([r.multipliers for r in rows]), self.tables.traditional).rotate(x[..., None, :])
 
 
 class LinearizedAttention(nn.Module):
@@ -53,6 +81,9 @@ class LinearizedAttention(nn.Module):
         self.scale = attention.scale
         self.window = window
         self.sinks = sinks
+        head_dim = self.q_proj.weight.shape[0] // self.n_heads
+        # The fixed positions read: the sinks' horizon, and LoLA's block rows (0..2 x window).
+        self.rotary = RotaryTables.of(self.rope, head_dim, 2 * window + sinks + 1)
         self.method = method(self, **options)  # it reads the geometry above: heads, dims, window
         # The pretrained forward, run on these same weights when softmax attention is wanted.
         self.softmax_forward = type(attention).__call__
@@ -81,7 +112,7 @@ class LinearizedAttention(nn.Module):
         q, k, v = self.project(x)
         state_cache, window_cache = cache if cache is not None else (None, None)
         offset = window_cache.offset if cache is not None else 0
-        rope = Rope(self.rope, offset)
+        rope = Rope(self.rope, offset, self.rotary)
         linear = None
         if self.use_state and cache is None:
             linear, _ = self.method(q, k, v, rope)
@@ -89,7 +120,7 @@ class LinearizedAttention(nn.Module):
             linear, state_cache.cache = self.method(q, k, v, rope, state_cache.cache, state_cache.make_mask(L))
             state_cache.advance(L)
         rotated = rope(q)
-        sink_q, q, k = self.sink_queries(q, rotated, offset), rotated, rope(k)
+        sink_q, q, k = self.sink_queries(q, rotated, offset, rope), rotated, rope(k)
         if isinstance(window_cache, RotatingKVCache):
             k, v = window_cache.update_and_fetch(k, v)
             keep_last(window_cache)
@@ -112,30 +143,26 @@ class LinearizedAttention(nn.Module):
         """One token once the window cache is full (decode.py compiles it): __call__'s decode
         path on a StepCache, whose position and ring-buffer slot are arrays."""
         q, k, v = self.project(x)
-        rope = Rope(self.rope, cache.offset)
-        linear = None
-        if self.use_state:
-            linear, cache.state = self.method(q, k, v, rope, cache.state)
+        rope = Rope(self.rope, cache.offset, self.rotary, cache.rotation)
         cache.write(rope(k), v)
-        sink_q = self.fixed_sink_queries(q) if self.sinks else None
-        window, mass = self.window_attention(rope(q), cache.keys, cache.values, None, sink_q)
-        return self.output(x, linear, window, mass)
+        out, cache.state = self.method.step(self, q, k, v, rope, cache)
+        return self.output(x, None, out, None)
 
-    def sink_queries(self, q, rotated, offset):
+    def step_positions(self):
+        """Where a decode step rotates its query: its own position, and the sinks' horizon."""
+        return [None] + ([self.window + self.sinks - 1] if self.sinks else [])
+
+    def sink_queries(self, q, rotated, offset, rope):
         """Queries for the sink scores: past `window + sinks - 1` every query sees the sinks at
         that fixed distance, as if they lay just before its window (StreamingLLM's positions in
         the cache), so no query is ever further from them than at that position."""
         horizon, L = self.window + self.sinks - 1, q.shape[2]
         if not self.sinks or offset + L - 1 <= horizon:
             return None
-        fixed = self.fixed_sink_queries(q)
+        fixed = rope.fixed(q, horizon)
         if offset >= horizon:
             return fixed
         return mx.where((offset + mx.arange(L) > horizon)[:, None], fixed, rotated)
-
-    def fixed_sink_queries(self, q):
-        """Every query rotated to the horizon, `window + sinks - 1`."""
-        return self.rope(q[..., None, :], offset=self.window + self.sinks - 1)[..., 0, :]
 
     def window_attention(self, q, k, v, offset, sink_q=None):
         """(output, mass or None). k, v: the cache's keys (sinks first, in temporal order)
@@ -143,7 +170,8 @@ class LinearizedAttention(nn.Module):
         L, S = q.shape[2], self.sinks
         with_mass = self.method.needs_window_mass
         if L == 1 and (with_mass or sink_q is not None):
-            return attention_step(q, k, v, self.scale, S, sink_q)
+            queries = q[..., None, :] if sink_q is None else mx.stack([q, sink_q], axis=-2)
+            return attention_step(queries, k, v, self.scale, S if sink_q is not None else 0, with_mass)
         if L == 1:  # decoding: the ring buffer holds exactly the sinks and the window
             return scaled_dot_product_attention(q, k, v, cache=None, scale=self.scale, mask=None), None
         sinks = (k[..., :S, :], v[..., :S, :]) if S else None

@@ -15,10 +15,13 @@ from mlx_lm.models.cache import ArraysCache, CacheList, RotatingKVCache
 
 
 class StepCache:
-    """One layer's cache inside the compiled step: arrays only, no Python positions."""
+    """One layer's cache inside the compiled step: arrays only, no Python positions. `rotation`:
+    RoPE at the step's position (rotary.Rotation, or None), computed once for every layer;
+    `kind`: the method's kind of step (LoLA's block boundaries), a Python value fixed at tracing."""
 
-    def __init__(self, state, keys, values, offset, slot):
+    def __init__(self, state, keys, values, offset, slot, rotation=None, kind=None):
         self.state, self.keys, self.values, self.offset, self.slot = state, keys, values, offset, slot
+        self.rotation, self.kind = rotation, kind
 
     def write(self, k, v):
         self.keys = mx.slice_update(self.keys, k, self.slot, axes=(2,))
@@ -47,22 +50,33 @@ def flat_arrays(cache):
     return [(list(c.caches[0].cache), c.caches[1].keys, c.caches[1].values) for c in cache]
 
 
-def step_function(model):
-    """model's compiled step: (tokens, offset, slot, per-layer (state, keys, values)) ->
+def step_kind(model, offset):
+    """The kind of step the token at `offset` takes (one compiled function each)."""
+    return model.layers[0].self_attn.method.step_kind(offset)
+
+
+def step_function(model, kind=None):
+    """model's compiled step of `kind`: (tokens, offset, slot, per-layer (state, keys, values)) ->
     (logits, new per-layer arrays). Its parameters are inputs, so updated weights are seen."""
+    tables = model.layers[0].self_attn.rotary  # every layer's RoPE is the same
 
     @partial(mx.compile, inputs=model.state)
     def step(tokens, offset, slot, arrays):
-        caches = [StepCache(state, keys, values, offset, slot) for state, keys, values in arrays]
+        rotation = tables.at(offset) if tables is not None else None
+        caches = [StepCache(state, keys, values, offset, slot, rotation, kind) for state, keys, values in arrays]
         logits = model(tokens, cache=caches)
         return logits, [(c.state, c.keys, c.values) for c in caches]
 
     return step
 
 
-def decode(model, step, tokens, cache):
-    """Run `step` on the caches' arrays and store what it returns back into them."""
+def decode(model, tokens, cache):
+    """Run the compiled step on the caches' arrays and store what it returns back into them."""
     window = cache[0].caches[1]
+    kind = step_kind(model, window.offset)
+    if kind not in model._decode_steps:
+        model._decode_steps[kind] = step_function(model, kind)
+    step = model._decode_steps[kind]
     slot = write_slot(window)
     logits, arrays = step(tokens, mx.array(window.offset), mx.array(slot), flat_arrays(cache))
     for layer_cache, (state, keys, values) in zip(cache, arrays):

@@ -78,7 +78,7 @@ class Model(nn.Module):
         self.full_index = self.linear_layers.index(False) if False in self.linear_layers else None
         self.softmax_everywhere = False
         self.compile_decode = True  # False: every decode step takes the plain path
-        self._decode_step = None  # decode.step_function(self), built at the first steady step
+        self._decode_steps = {}  # decode.step_function(self, kind) by kind, built at the first steady step
 
     def use_softmax_attention(self, enabled: bool = True):
         """Run every layer as the original softmax attention (the same weights, no cache)."""
@@ -116,9 +116,7 @@ class Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None):
         if input_embeddings is None and self.decodes_compiled(inputs, cache):
-            if self._decode_step is None:
-                self._decode_step = decode.step_function(self)
-            return decode.decode(self, self._decode_step, inputs, cache)
+            return decode.decode(self, inputs, cache)
         h = self.hidden_states(inputs, cache, input_embeddings)
         if hasattr(self, "lm_head"):
             return self.lm_head(h)
@@ -134,9 +132,7 @@ class Model(nn.Module):
         if not all(layer.self_attn.use_state and not layer.self_attn.use_softmax for layer in self.layers):
             return False
         windows = [c.caches[1] for c in cache]
-        if len({(w.offset, w._idx) for w in windows}) != 1:
-            return False
-        return all(layer.self_attn.method.steps_compiled(windows[0].offset) for layer in self.layers)
+        return len({(w.offset, w._idx) for w in windows}) == 1
 
     def hidden_states(self, inputs: mx.array, cache=None, input_embeddings: Optional[mx.array] = None):
         """The last layer's normalised output, before the LM head."""

@@ -59,7 +59,8 @@ def _recurrent(step, q, k, v, log_g, state):
     for t in range(L):
         o, state = step(q[:, :, :, t], k[:, :, t], v[:, :, t], log_g[:, :, t], state)
         outputs.append(o)
-    return mx.stack(outputs, axis=3).reshape(B, H, L, dv), state
+    o = mx.stack(outputs, axis=3) if L > 1 else outputs[0][:, :, :, None]  # a decode step: no copy
+    return o.reshape(B, H, L, dv), state
 
 
 def gla_recurrent(q, k, v, log_g, state=None):

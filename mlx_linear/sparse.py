@@ -16,8 +16,10 @@ the cache's raw keys, values, features and positions (-1: an empty slot).
 """
 
 import mlx.core as mx
+import numpy as np
 
 from .fastmath import exp
+from .window import step_scores
 
 
 def empty_state(B, H, Hkv, C, slots, d, F):
@@ -110,17 +112,50 @@ def forward(method, q, k, v, q_features, k_features, rope, state=None):
     return terms, [S, *(x[:, :, -2:].reshape(B, x.shape[1], 2 * C, *x.shape[4:]) for x in line[:3]), *kept]
 
 
-def step(method, q, k, v, q_features, k_features, rope, state):
-    """One token between two boundaries, its position an array (decode.py's compiled step): the
-    buffer's first block is the pending one, and the token goes to its slot C + r."""
-    (B, Hkv), C, o = k.shape[:2], method.window, rope.offset
+def shift_blocks(method, state, o):
+    """A block boundary in the compiled step (o = the block's start, an array): the buffer's first
+    block and the cache are ranked as `forward` ranks them, and the buffer moves one block on."""
+    C, (B, Hkv) = method.window, state[1].shape[:2]
+    positions = mx.broadcast_to(o - 2 * C + mx.array(np.arange(C, dtype=np.float32)), (B, Hkv, C))
+    block = [x[:, :, :C] for x in state[1:4]] + [positions]
+    S, kept = boundary(state[0], tuple(state[4:]), block, o, method.sinks, method.log_decay, method.horizon)
+    shifted = [mx.pad(x[:, :, C:], [(0, 0), (0, 0), (0, C)] + [(0, 0)] * (x.ndim - 3)) for x in state[1:4]]
+    return [S, *shifted, *kept]
+
+
+def step(method, attention, q, k, v, q_features, k_features, rope, cache):
+    """One token of the compiled decode step, its position an array, with the window branch: the
+    state's terms, then one softmax over the window's keys (sinks first), the pending block's and
+    the cache's, each scored by its own rotation of the query, under LoLCATs' shared denominator
+    (`combine`'s, folded). The buffer's first block is the pending one; the token goes to C + r."""
+    state, C, o = cache.state, method.window, rope.offset
+    if cache.kind:  # the first token of a block
+        state = shift_blocks(method, state, o)
     r = o % C
     buffered = [mx.slice_update(old, new, C + r, axes=(2,)) for old, new in zip(state[1:4], (k, v.astype(mx.float32), k_features))]
-    positions = mx.broadcast_to((o - r - C + mx.arange(C)).astype(mx.float32), (B, Hkv, 1, C))
-    pending = [buffered[0][:, :, None, :C], buffered[1][:, :, None, :C], positions]
-    kept = [x[:, :, None] for x in (state[4], state[5], state[7])]
-    terms = read_terms(method, rope, q, q_features, state[0][:, :, None], pending, kept, r.reshape(1), lambda x: x[:, :, None], C + r)
-    return terms[:, :, 0], [state[0], *buffered, *state[4:]]
+    S, kept_k, kept_v, kept_at = state[0], state[4], state[5], state[7]
+    queries = rope.rows(q, attention.step_positions() + [C + r, 2 * C])
+    ring = cache.keys.shape[2]  # sinks and window
+    keys = mx.concatenate([cache.keys.astype(mx.float32), rope(buffered[0][:, :, :C], 0), kept_k], axis=2)
+    values = mx.concatenate([cache.values.astype(mx.float32), buffered[1][:, :, :C], kept_v], axis=2)
+    rows = len(attention.step_positions())
+    spans = ([(1, 0, method.sinks)] if method.sinks else []) + [(rows, ring, ring + C), (rows + 1, ring + C, keys.shape[2])]
+    scores = step_scores(queries, keys, method.scale, spans)
+    column, B, Hkv = np.arange(C), *kept_at.shape[:2]
+    pending = (mx.array(column) <= r) & (o - r - C + mx.array(column.astype(np.float32)) >= method.sinks)
+    whole_ring = mx.array(np.ones((1, 1, ring), dtype=bool))
+    visible = mx.concatenate([mx.broadcast_to(x, (B, Hkv, x.shape[-1])) for x in (whole_ring, pending[None, None], kept_at >= 0)], axis=-1)
+    scores = mx.where(visible[:, :, None, None], scores, -mx.inf)
+    in_window = mx.array(np.arange(keys.shape[2]) < ring)
+    top, both = mx.where(in_window, scores, -mx.inf).max(-1, keepdims=True), scores.max(-1, keepdims=True)
+    exps = exp(scores - both)
+    H = q.shape[1]
+    exact_num = (exps @ values[:, :, None]).reshape(B, H, 1, -1)
+    exact_den = exps.sum(-1).reshape(B, H, 1, 1)
+    linear = (q_features @ S) * exp(method.log_decay * r)
+    weight, own = mx.sigmoid(method.window_logit), exp(top - both).reshape(B, H, 1, 1)
+    out = (weight * exact_num + own * linear[..., :-1]) / (weight * exact_den + own * linear[..., -1:])
+    return out, [S, *buffered, *state[4:]]
 
 
 def read_terms(method, rope, q, q_features, S, pending, kept, rows, by_block, near_offset):

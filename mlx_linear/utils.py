@@ -78,9 +78,10 @@ def dequantizes(model, dtype, dequantize) -> bool:
     return dtype is not None and float_bytes < available_memory() / 2
 
 
-def load(path, adapter_path=None, dtype="auto", lazy=False, dequantize="auto"):
+def load(path, adapter_path=None, dtype="auto", lazy=False, dequantize="auto", fuse_adapter=False):
     """(model, tokenizer) for a folder written by `mlx_linear convert` (any method);
-    `dequantize` (True, False, "auto"): see dequantizes()."""
+    `dequantize` (True, False, "auto"): see dequantizes(). `fuse_adapter`: for generation, the
+    adapter's LoRA layers merged into float weights (a model to train keeps them apart)."""
     path = Path(path)
     config = read_config(path)
     try:
@@ -102,6 +103,10 @@ def load(path, adapter_path=None, dtype="auto", lazy=False, dequantize="auto"):
         cast_floats(model, dtype)
     if dequantizes(model, dtype, dequantize):
         dequantize_model(model)  # after the cast: float32 scales give float32 weights
+    if adapter_path is not None and fuse_adapter:
+        from .adapters import fuse_lora
+
+        fuse_lora(model, quantized=False)
     if not lazy:
         mx.eval(model.parameters())
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))

@@ -6,6 +6,7 @@ Sink scores may use their own queries (`sink_q`): the attention module rotates t
 query never sits further from the sinks than just past the window (see attention.py)."""
 
 import mlx.core as mx
+import numpy as np
 
 from .fastmath import exp
 
@@ -38,24 +39,34 @@ def masked_softmax(scores, mask):
     return exps / mass, mx.concatenate([mass, top], axis=-1)
 
 
-def _by_group(x, num_kv_heads):
-    B, H, L, d = x.shape
-    return x.reshape(B, num_kv_heads, H // num_kv_heads, L, d)
+def step_scores(queries, keys, scale, spans=()):
+    """Scores of one token's query rows (B, H, 1, P, d), each a rotation of its query, against
+    keys (B, Hkv, N, d): key n is scored by row 0, or by the row of the span (row, start, end)
+    holding it. (B, Hkv, H / Hkv, 1, N); all rows in one matmul, the picks fused elementwise."""
+    B, H, _, P, d = queries.shape
+    Hkv, N = keys.shape[1], keys.shape[2]
+    scores = (queries.reshape(B, Hkv, H // Hkv, P, d) * scale) @ keys[:, :, None].swapaxes(-1, -2)
+    picked = scores[..., :1, :]
+    for row, start, end in spans:
+        inside = mx.array((np.arange(N) >= start) & (np.arange(N) < end))  # a constant, not an op
+        picked = mx.where(inside, scores[..., row : row + 1, :], picked)
+    return picked.astype(mx.float32)
 
 
-def attention_step(q, k, v, scale, num_sinks=0, sink_q=None):
-    """One query per row over every key of a decode cache (sinks first, then the window):
-    (output (B, H, 1, dv), mass and max (B, H, 1, 2))."""
-    B, H, _, _ = q.shape
-    Hkv, dv = k.shape[1], v.shape[-1]
-    keys = k[:, :, None].swapaxes(-1, -2)
-    scores = (_by_group(q, Hkv) * scale) @ keys
-    if num_sinks and sink_q is not None:
-        sink_scores = (_by_group(sink_q, Hkv) * scale) @ keys[..., :num_sinks]
-        scores = mx.concatenate([sink_scores, scores[..., num_sinks:]], axis=-1)
-    weights, mass = masked_softmax(scores, mx.array(True))
-    out = weights.astype(v.dtype) @ v[:, :, None]
-    return out.reshape(B, H, 1, dv), mass.reshape(B, H, 1, 2)
+def attention_step(queries, k, v, scale, num_sinks=0, with_mass=False):
+    """One token's query over every key of a decode cache (sinks first, then the window):
+    queries (B, H, 1, P, d), row 1 (where P = 2) scoring the sinks. (output (B, H, 1, dv), and
+    with `with_mass` the softmax's mass and max (B, H, 1, 2), else None)."""
+    B, H = queries.shape[:2]
+    scores = step_scores(queries, k, scale, [(1, 0, num_sinks)] if queries.shape[3] > 1 else [])
+    values = v[:, :, None]
+    if not with_mass:
+        return (mx.softmax(scores, axis=-1).astype(v.dtype) @ values).reshape(B, H, 1, -1), None
+    top = scores.max(axis=-1, keepdims=True)
+    exps = exp(scores - top)
+    mass = exps.sum(axis=-1, keepdims=True)
+    out = (exps / mass).astype(v.dtype) @ values
+    return out.reshape(B, H, 1, -1), mx.concatenate([mass, top], axis=-1).reshape(B, H, 1, 2)
 
 
 def sliding_window_attention(q, k, v, window, scale, sinks=None, first_position=0, sink_q=None, with_mass=False):

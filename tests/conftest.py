@@ -6,6 +6,9 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# MLX's CUDA backend computes float32 matmuls in TF32 (~1e-4 off the CPU's): comparisons here
+# hold at the device's float32, so they run without it. The CPU ignores the flag.
+os.environ["MLX_ENABLE_TF32"] = "0"
 
 import mlx_linear  # noqa: E402,F401  (loads the BLAS before mlx)
 import mlx.core as mx  # noqa: E402
@@ -13,6 +16,11 @@ from mlx.utils import tree_flatten  # noqa: E402
 
 # Full benchmark files: CI has them beside the clone; a plain clone skips the tests that need them.
 FULL_DATA = Path(os.environ.get("MLX_LINEAR_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+ON_CPU = mx.default_device().type == mx.DeviceType.cpu
+# What only the CPU does (fastmath's power-of-two forms, 4-bit models dequantized at load).
+cpu_only = pytest.mark.skipif(not ON_CPU, reason="CPU-only behaviour; MLX's default device here is a GPU")
 
 
 def full_data_dir() -> Path:

@@ -34,7 +34,7 @@ def test_the_cache_is_reused_until_the_version_or_the_conversion_changes(monkeyp
 def test_the_default_chat_model_is_converted_as_the_adapter_says(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(chat_model, "bundled_model", lambda log, **conversion: calls.append(conversion) or tmp_path / "m")
-    monkeypatch.setattr(chat_model, "load", lambda model, adapter_path, dequantize: ("model", "tokenizer"))
+    monkeypatch.setattr(chat_model, "load", lambda model, adapter_path, dequantize, fuse_adapter: ("model", "tokenizer"))
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "conversion.json").write_text(json.dumps({"method": "supra", "sinks": 2}))

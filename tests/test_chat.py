@@ -282,6 +282,26 @@ def test_adapter_flag_applies_the_adapter(tiny, tmp_path):
     assert result.stdout == expected + "\n"
 
 
+def test_generation_merges_the_adapter_into_the_weights(tiny, tmp_path):
+    """The chat and generate load with the LoRA layers merged (one matmul, not three): the same
+    logits as the adapter applied beside the weights, and no LoRA layer left."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    model, _ = mlx_linear.load(tiny["liger"])
+    config = lora_config(model, rank=4)
+    apply_lora(model, config)
+    for layer in model.layers:
+        layer.self_attn.k_proj.lora_b = mx.random.normal(layer.self_attn.k_proj.lora_b.shape, key=mx.random.key(2))
+    save_adapter(tmp_path / "adapter", model, config)
+    apart, _ = mlx_linear.load(tiny["liger"], adapter_path=tmp_path / "adapter")
+    merged, _ = mlx_linear.load(tiny["liger"], adapter_path=tmp_path / "adapter", fuse_adapter=True)
+    assert any(isinstance(m, LoRALinear) for _, m in apart.named_modules())
+    assert not any(isinstance(m, LoRALinear) for _, m in merged.named_modules())
+    tokens = mx.random.randint(0, 300, (1, 30), key=mx.random.key(4))
+    assert mx.allclose(apart(tokens), merged(tokens), rtol=1e-5, atol=1e-5).item()
+    assert not mx.allclose(apart(tokens), mlx_linear.load(tiny["liger"])[0](tokens), atol=1e-2).item()
+
+
 def test_cli_bad_input(tiny, tmp_path):
     cases = [
         (["generate", "--model", tmp_path / "nope", "--prompt", "hi"], "no config.json"),

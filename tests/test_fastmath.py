@@ -6,13 +6,15 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from conftest import cpu_only
 from mlx_linear import fastmath
 
 VALUES = np.concatenate([np.linspace(-87, 87, 2001), [-1e-8, 0.0, 1e-8, -120.0, 120.0]]).astype(np.float32)
 
 
-def test_runs_the_power_of_two_path_here():
-    assert fastmath.on_cpu()  # the suite runs on the CPU: what follows tests the 2^x forms
+@cpu_only
+def test_runs_the_power_of_two_path_on_the_cpu():
+    assert fastmath.on_cpu()  # what follows tests the 2^x forms here, MLX's fused ops on a GPU
 
 
 def test_exp_against_float64():
@@ -33,8 +35,9 @@ def test_log_sigmoid_against_float64():
 
 
 @pytest.mark.parametrize("axis", [-1, 1])
-def test_softmax_against_float64_and_mlx(axis):
-    x = np.random.default_rng(0).normal(scale=8, size=(3, 7, 64)).astype(np.float32)
+@pytest.mark.parametrize("width", [64, 1024])  # a decode step's size (MLX's op), a prefill's (2^x)
+def test_softmax_against_float64_and_mlx(axis, width):
+    x = np.random.default_rng(0).normal(scale=8, size=(3, 7, width)).astype(np.float32)
     x[0, 0, :5] = -np.inf  # masked scores
     wide = x.astype(np.float64)
     exps = np.exp(wide - wide.max(axis=axis, keepdims=True))
@@ -50,3 +53,17 @@ def test_gradients_equal_mlx_ops():
     for ours, theirs in pairs:
         grads = [mx.grad(lambda t, f=f: (f(t) * w).sum())(x) for f in (ours, theirs)]
         np.testing.assert_allclose(np.array(grads[0]), np.array(grads[1]), rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_gradient_of_the_power_of_two_path_against_float64():
+    """Past the fused op's sizes: d/dx sum(softmax(x) w) = s (w - sum(s w)), in float64."""
+    size = (5, 2 * fastmath.FUSED_SOFTMAX_UP_TO // 5)
+    x = np.random.default_rng(1).normal(scale=4, size=size)
+    w = np.random.default_rng(2).normal(size=size)
+    s = np.exp(x - x.max(-1, keepdims=True))
+    s /= s.sum(-1, keepdims=True)
+    reference = s * (w - (s * w).sum(-1, keepdims=True))
+    got = mx.grad(lambda t: (fastmath.softmax(t) * mx.array(w, dtype=mx.float32)).sum())(mx.array(x, dtype=mx.float32))
+    # sum(s w) rounds in float32 over the row: ~sqrt(width) ulps of max|w|
+    atol = np.sqrt(size[1]) * np.finfo(np.float32).eps * np.abs(w).max()
+    np.testing.assert_allclose(np.array(got), reference, rtol=1e-5, atol=atol)

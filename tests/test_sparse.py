@@ -164,23 +164,24 @@ def test_the_cache_holds_what_the_state_recalls_worst():
             tiny_model(method="lola", options={"slots": wrong})
 
 
-def test_compiled_decode_between_boundaries(monkeypatch):
-    """decode.py's compiled step takes the tokens between block boundaries (sparse.step) and the
-    plain path the boundaries (choosing the cache is Python control flow); both equal the plain
-    path everywhere, with the chat's options (maps before RoPE, a half-life, sinks)."""
+def test_compiled_decode_takes_every_step_boundaries_included(monkeypatch):
+    """Once the window is full, decode.py's compiled step takes every token: between block
+    boundaries one function, at them (choosing the cache) another; both equal the plain path,
+    with the chat's options (maps before RoPE, a half-life, sinks)."""
     model = sparse_model(3, 2, half_life=6.0, after_rope=False)
     tokens = distinct_tokens(1, 60)
     runs, compiled_at, stock = [], [], decode.decode
 
-    def counted(model, step, tokens, cache):
+    def counted(model, tokens, cache):
         compiled_at.append(cache[0].caches[1].offset)
-        return stock(model, step, tokens, cache)
+        return stock(model, tokens, cache)
 
     monkeypatch.setattr(decode, "decode", counted)
     for compiled in (False, True):
         model.compile_decode = compiled
         runs.append(incremental(model, tokens, [13]))
-    assert compiled_at == [p for p in range(13, 60) if p % WINDOW]
+    assert compiled_at == list(range(13, 60))
+    assert set(model._decode_steps) == {False, True}  # a boundary step and the others
     assert mx.allclose(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-5).item()
     for x, y in zip(runs[0][1], runs[1][1]):
         assert all(mx.allclose(a, b, rtol=1e-5, atol=1e-5).item() for a, b in zip(x.caches[0].cache, y.caches[0].cache))

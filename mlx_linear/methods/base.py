@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..scan import gla_scan
+from ..window import attention_step
 
 
 class LinearMethod(nn.Module):
@@ -32,10 +33,18 @@ class LinearMethod(nn.Module):
             if not holds:
                 raise ValueError(problem)
 
-    def steps_compiled(self, offset) -> bool:
-        """Whether decode.py's compiled step takes the token at `offset` (not where the step
-        needs Python control flow)."""
-        return True
+    def step_kind(self, offset):
+        """The kind of compiled decode step (decode.py) the token at `offset` takes: steps whose
+        Python control flow differs (LoLA's block boundaries) are compiled apart."""
+        return None
+
+    def step(self, attention, q, k, v, rope, cache):
+        """One token of the compiled decode step: (the mixed output, the new state). `cache`
+        (decode.StepCache) holds this token's key and value already."""
+        linear, state = self(q, k, v, rope, cache.state)
+        queries = rope.rows(q, attention.step_positions())
+        window, mass = attention_step(queries, cache.keys, cache.values, attention.scale, attention.sinks, self.needs_window_mass)
+        return self.mix(linear, window, mass), state
 
     def features(self, q, k, v, rope):
         """(q, k, v, log_gate) for the scan; `rope(x)` applies the layer's RoPE at its offset."""

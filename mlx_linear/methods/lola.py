@@ -25,13 +25,16 @@ class LoLA(LoLCATs):
                            (horizon in range(1 << 31), f"horizon={horizon}: give a whole number of tokens (0: none)"))
         self.slots, self.horizon, self.scale, self.sinks = int(slots), int(horizon), attention.scale, attention.sinks
 
-    def steps_compiled(self, offset):
-        return offset % self.window != 0  # a boundary (choosing the cache) is Python control flow
+    def step_kind(self, offset):
+        return offset % self.window == 0  # a block boundary (choosing the cache) is a step of its own
 
     def __call__(self, q, k, v, rope, state=None, mask=None):
         q_features, k_features, _ = self.feature_maps(q, k, v, rope)
-        run = sparse.step if isinstance(getattr(rope, "offset", 0), mx.array) else sparse.forward  # compiled decode
-        return run(self, q, k, v, q_features, k_features, rope, state)
+        return sparse.forward(self, q, k, v, q_features, k_features, rope, state)
+
+    def step(self, attention, q, k, v, rope, cache):
+        q_features, k_features, _ = self.feature_maps(q, k, v, rope)
+        return sparse.step(self, attention, q, k, v, q_features, k_features, rope, cache)
 
     def mix(self, linear, window, window_mass=None):
         if window_mass is None:

@@ -20,9 +20,10 @@ from .base import LinearMethod
 
 
 def hedgehog(x, weights):
-    """[softmax(x W), softmax(-x W)] per head: x (B, H, L, d), weights (H, d, f)."""
+    """[softmax(x W), softmax(-x W)] per head: x (B, H, L, d), weights (H, d, f); both halves
+    normalised in one softmax over their (2, f) view."""
     y = x.astype(mx.float32) @ weights
-    return mx.concatenate([softmax(y), softmax(-y)], axis=-1)
+    return softmax(mx.stack([y, -y], axis=-2)).reshape(*y.shape[:-1], -1)
 
 
 @register
