@@ -5,15 +5,26 @@ where a prefill step of N tokens goes (the chat prefills in steps of 512).
     python bench/decode_profile.py                  # the chat's default model, 256-token context
     python bench/decode_profile.py --model paper    # the paper's Liger-GLA recipe
     python bench/decode_profile.py --prefill 512    # one prefill step after the context
+    python bench/decode_profile.py --kernels        # kernels a decode step, every model and the original
 
 Each family runs the model's own modules on one token's inputs for every layer, as one graph
 evaluated per token; families and the whole step are timed in interleaved rounds, so other
 jobs' load falls on all alike. The step's time beyond the families' sum is graph building,
-scheduling and Python.
+scheduling and Python. LoLA's block boundaries (every 64 tokens) are timed apart: the mean of a
+block's steps against that of the steps between boundaries.
+
+Kernels (--kernels): at one token a step a GPU is bound by kernel launches, so the device-free
+measure is the primitives in one decode step's graph (mx.export_to_dot), views excluded, the
+mean over 64 steps after a 1,024-token prompt. On the CPU MLX's fast RoPE, RMSNorm and attention
+run as their fallback ops (counted), where a GPU runs each as one kernel.
 """
 
 import argparse
+import collections
+import os
+import re
 import statistics
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -22,9 +33,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import matmul_rate, median_seconds, write_json  # noqa: E402  (loads the BLAS before mlx)
 
 import mlx.core as mx  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 from decode import prefill_flops  # noqa: E402
+from mlx_linear.attention import Rope  # noqa: E402
 from models import DESCRIPTIONS, load_bench_model  # noqa: E402
 
 
@@ -34,6 +47,75 @@ def prefilled(model, context):
     logits = model(mx.random.randint(0, vocab, (1, context), key=mx.random.key(0)), cache=cache)
     mx.eval(logits, [c.state for c in cache])
     return cache, mx.argmax(logits[:, -1], axis=-1)
+
+
+VIEWS = {"Reshape", "Transpose", "Broadcast", "Slice", "ExpandDims", "Squeeze", "AsStrided", "Flatten", "Unflatten"}
+
+
+def primitives(outputs):
+    """{primitive: count} of the graph that computes `outputs`, views excluded."""
+    arrays = [x for _, x in tree_flatten(outputs) if isinstance(x, mx.array)]
+    handle, path = tempfile.mkstemp(suffix=".dot")
+    os.close(handle)
+    try:
+        mx.export_to_dot(path, *arrays)
+        labels = re.findall(r'\[label ="([^"]+)", shape=rectangle\]', Path(path).read_text())
+    finally:
+        os.remove(path)
+    return collections.Counter(label for label in labels if label not in VIEWS)
+
+
+def decode_steps(model, cache, token, steps):
+    """Yield, for `steps` greedy decode steps, (step's logits, the graph's outputs) before evaluating them."""
+    for _ in range(steps):
+        logits = model(token[None], cache=cache)
+        outputs = [logits, [c.state for c in cache]]
+        yield logits, outputs
+        mx.eval(outputs)
+        token = mx.argmax(logits[:, -1], axis=-1)
+
+
+def kernel_count(model, context=1024, steps=64):
+    """The mean primitives a decode step, in all and by family, after a `context`-token prompt."""
+    cache, token = prefilled(model, context)
+    total = collections.Counter()
+    for _, outputs in decode_steps(model, cache, token, steps):
+        total += primitives(outputs)
+    return sum(total.values()) / steps, {name: n / steps for name, n in total.most_common()}
+
+
+def kernels_report(names, context):
+    rows = {}
+    for name in names:
+        model, _ = load_bench_model(name)
+        per_step, by_family = kernel_count(model, context)
+        rows[name] = {"model": DESCRIPTIONS[name], "per_step": per_step, "per_layer": per_step / len(model.layers),
+                      "families": by_family}
+        del model
+    original = rows.get("none", {}).get("per_step")
+    for row in rows.values():
+        row["vs_original"] = row["per_step"] / original if original else None
+        share = f"{row['vs_original']:5.2f}x the original's" if original else ""
+        top = ", ".join(f"{k} {v:.0f}" for k, v in list(row["families"].items())[:5])
+        print(f"{row['model']:44s} {row['per_step']:7.0f} a step ({row['per_layer']:5.1f} a layer) {share} | {top}")
+    return rows
+
+
+def boundary_cost(model, cache, token, blocks=2):
+    """LoLA-style methods choose their cache every `window` tokens: ms of the mean whole step
+    (model call, evaluation, next token) over whole blocks, against that between boundaries and at them."""
+    window, offset = model.layers[0].self_attn.window, cache[0].caches[1].offset
+    skip = -offset % window + window  # a block to settle in, then whole blocks from a boundary
+    times = {"at a boundary": [], "between boundaries": []}
+    for i in range(skip + blocks * window):
+        start = time.perf_counter()
+        token = mx.argmax(model(token[None], cache=cache)[:, -1], axis=-1)
+        mx.eval(token, [c.state for c in cache])
+        if i >= skip:
+            times["at a boundary" if (offset + i) % window == 0 else "between boundaries"].append(time.perf_counter() - start)
+    ms = {kind: statistics.mean(t) * 1e3 for kind, t in times.items()}
+    ms["a block's mean step"] = statistics.mean(times["at a boundary"] + times["between boundaries"]) * 1e3
+    return ms
 
 
 def families(model, cache, tokens):
@@ -47,14 +129,14 @@ def families(model, cache, tokens):
     mx.eval(qkv)
 
     def rope_at(attention, window_cache):
-        return lambda t: attention.rope(t, offset=window_cache.offset)
+        return Rope(attention.rope, window_cache.offset, attention.rotary)
 
     def window(a, w, q, k, v):
         rotated, keys, values = a.rope(q, offset=w.offset), w.keys, w.values
         if prefill:  # the cache's keys, then the step's own (timing only: ring order is kept)
             keys = mx.concatenate([keys, a.rope(k, offset=w.offset)], axis=2)
             values = mx.concatenate([values, v], axis=2)
-        return a.window_attention(rotated, keys, values, w.offset, a.sink_queries(q, rotated, w.offset))[0]
+        return a.window_attention(rotated, keys, values, w.offset, a.sink_queries(q, rotated, w.offset, rope_at(a, w)))[0]
 
     def cache_update(w, k, v):
         keys, values = w.update_and_fetch(k, v)
@@ -139,10 +221,17 @@ def prefill_rates(model, ms, tokens):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="chat", choices=[m for m in DESCRIPTIONS if m != "none"])
-    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--context", type=int, help="tokens before the profiled step (256; --kernels: 1024)")
     parser.add_argument("--prefill", type=int, default=0, help="profile a prefill step of N tokens instead")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--kernels", action="store_true", help="kernels a decode step, of every model and the original")
     args = parser.parse_args()
+    if args.kernels:
+        context = args.context or 1024
+        rows = kernels_report(list(DESCRIPTIONS), context)
+        print(f"wrote {write_json('decode_kernels', {'context': context, 'models': rows})}")
+        return
+    args.context = args.context or 256
     model, _ = load_bench_model(args.model)
     cache, token = prefilled(model, args.context)
     tokens = mx.random.randint(0, model.model.embed_tokens.weight.shape[0], (1, args.prefill)) if args.prefill else token[None]
@@ -156,6 +245,10 @@ def main():
     report = {"model": DESCRIPTIONS[args.model], "context": args.context, "tokens": tokens.shape[1], "ms": ms}
     if args.prefill:
         report.update(prefill_rates(model, ms, args.prefill))
+    else:
+        report["boundaries_ms"] = boundary_cost(model, cache, token)
+        for name, value in report["boundaries_ms"].items():
+            print(f"{'LoLA block: step ' + name:52s} {value:8.2f} ms")
     name = f"prefill_profile_{args.model}" if args.prefill else f"decode_profile_{args.model}"
     print(f"wrote {write_json(name, report)}")
 

@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx_linear
 from mlx_linear.errors import UserError
 from mlx_linear.plot import line_plot
+from mlx_linear.attention import Rope  # noqa: E402
 
 BUCKETS = ((64, 256), (256, 1024), (1024, 4096))
 TEXT = SHARED_DATA / "wikitext2" / "wiki.test.raw.lf.txt"
@@ -44,7 +45,7 @@ def beyond_window_mass(attn, q, k):
 def window_branch(attn, q, k, v):
     """The linearized layer's window branch over the whole sequence: (output, window mass)."""
     rotated = attn.rope(q)
-    return attn.window_attention(rotated, attn.rope(k), v, 0, attn.sink_queries(q, rotated, 0))
+    return attn.window_attention(rotated, attn.rope(k), v, 0, attn.sink_queries(q, rotated, 0, Rope(attn.rope, 0, attn.rotary)))
 
 
 def branches(attn, q, k, v):

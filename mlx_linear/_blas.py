@@ -24,7 +24,7 @@ def use_system_blas() -> str | None:
             ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
-        if "mlx.core" in sys.modules:  # too late: MLX already resolved its BLAS symbols
+        if sys.modules.get("mlx.core") is not None:  # too late: MLX already resolved its BLAS symbols
             sys.stderr.write(TOO_LATE.format(name))
             return None
         return name

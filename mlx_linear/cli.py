@@ -23,6 +23,10 @@ COMMANDS = {
 }
 
 
+NO_BACKEND = ("MLX has no backend installed here: pip install 'mlx-linear[cpu]' (any Linux machine) "
+              "or 'mlx-linear[cuda]' (an NVIDIA GPU), one of the two")
+
+
 class Group(click.Group):
     """Loads subcommands lazily; user errors become one line and a non-zero exit, Ctrl-C exit 130."""
 
@@ -48,6 +52,10 @@ class Group(click.Group):
             return super().invoke(ctx)
         except UserError as e:
             raise click.ClickException(str(e)) from None
+        except ModuleNotFoundError as e:
+            if e.name != "mlx.core":
+                raise
+            raise click.ClickException(NO_BACKEND) from None
         except KeyboardInterrupt as e:
             message = str(e) if isinstance(e, Interrupted) else "partial outputs were discarded"
             click.echo(f"\ninterrupted: {message}", err=True)

@@ -35,3 +35,15 @@ def test_the_listed_summaries_are_the_commands_first_help_lines():
 def test_transformers_says_nothing_about_pytorch():
     result = python("import mlx_linear, transformers")
     assert result.returncode == 0 and "PyTorch" not in result.stderr, result.stderr
+
+
+def test_no_mlx_backend_is_one_line_with_the_fix(tmp_path):
+    """Linux without mlx[cpu] or mlx[cuda]: `mlx.core` does not import; the command says which extra to install."""
+    code = ("import sys\nsys.modules['mlx.core'] = None  # as when no backend wheel is installed\n"
+            f"from mlx_linear.cli import main\nsys.argv = ['mlx_linear', 'convert', '-o', {str(tmp_path / 'out')!r}]\nmain()")
+    result = python(code)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "Error: MLX has no backend installed here: pip install 'mlx-linear[cpu]' (any Linux machine) "
+        "or 'mlx-linear[cuda]' (an NVIDIA GPU), one of the two"]
+    assert not (tmp_path / "out").exists()
