@@ -16,11 +16,14 @@ block's steps against that of the steps between boundaries.
 Kernels (--kernels): at one token a step a GPU is bound by kernel launches, so the device-free
 measure is the primitives in one decode step's graph (mx.export_to_dot), views excluded, the
 mean over 64 steps after a 1,024-token prompt. On the CPU MLX's fast RoPE, RMSNorm and attention
-run as their fallback ops (counted), where a GPU runs each as one kernel.
+run as their fallback ops (counted), where a GPU runs each as one kernel. The models with fused
+step kernels (mlx_linear/step_kernels.py) are counted a second time as a GPU runs them: the
+kernel stood in by one node of its inputs and outputs.
 """
 
 import argparse
 import collections
+from contextlib import contextmanager, nullcontext
 import os
 import re
 import statistics
@@ -33,10 +36,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import matmul_rate, median_seconds, write_json  # noqa: E402  (loads the BLAS before mlx)
 
 import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 from decode import prefill_flops  # noqa: E402
+from mlx_linear import step_kernels  # noqa: E402
 from mlx_linear.attention import Rope  # noqa: E402
 from models import DESCRIPTIONS, load_bench_model  # noqa: E402
 
@@ -84,20 +89,47 @@ def kernel_count(model, context=1024, steps=64):
     return sum(total.values()) / steps, {name: n / steps for name, n in total.most_common()}
 
 
+def stand_in_kernel(**spec):
+    """A fused kernel that computes nothing: one graph node (Depends) whose parents are the
+    launch's inputs and whose outputs have its shapes. It counts the GPU path's kernels here."""
+    def launch(*, inputs, output_shapes, output_dtypes, **_):
+        outputs = [mx.array(np.zeros(shape), dtype) for shape, dtype in zip(output_shapes, output_dtypes)]  # constants
+        return mx.depends(outputs, list(inputs))
+    return launch
+
+
+@contextmanager
+def fused_step_kernels():
+    """The decode step as on a GPU: each layer's attention one (stood-in) fused kernel."""
+    stock, kernels = step_kernels.ready, step_kernels.make_step_kernels(stand_in_kernel)
+    step_kernels.ready = kernels.get
+    try:
+        yield
+    finally:
+        step_kernels.ready = stock
+
+
+FUSED = ("chat", "paper")  # the models whose step has fused kernels
+
+
 def kernels_report(names, context):
     rows = {}
     for name in names:
         model, _ = load_bench_model(name)
-        per_step, by_family = kernel_count(model, context)
-        rows[name] = {"model": DESCRIPTIONS[name], "per_step": per_step, "per_layer": per_step / len(model.layers),
-                      "families": by_family}
+        for fused in (False, True) if name in FUSED else (False,):
+            with fused_step_kernels() if fused else nullcontext():
+                model._decode_steps = {}  # traced anew
+                per_step, by_family = kernel_count(model, context)
+            label = name + (" fused" if fused else "")
+            rows[label] = {"model": DESCRIPTIONS[name] + (", fused step kernels (GPU)" if fused else ""), "per_step": per_step,
+                           "per_layer": per_step / len(model.layers), "families": by_family}
         del model
     original = rows.get("none", {}).get("per_step")
     for row in rows.values():
         row["vs_original"] = row["per_step"] / original if original else None
         share = f"{row['vs_original']:5.2f}x the original's" if original else ""
         top = ", ".join(f"{k} {v:.0f}" for k, v in list(row["families"].items())[:5])
-        print(f"{row['model']:44s} {row['per_step']:7.0f} a step ({row['per_layer']:5.1f} a layer) {share} | {top}")
+        print(f"{row['model']:62s} {row['per_step']:7.0f} a step ({row['per_layer']:5.1f} a layer) {share} | {top}")
     return rows
 
 

@@ -144,7 +144,6 @@ class LinearizedAttention(nn.Module):
         path on a StepCache, whose position and ring-buffer slot are arrays."""
         q, k, v = self.project(x)
         rope = Rope(self.rope, cache.offset, self.rotary, cache.rotation)
-        cache.write(rope(k), v)
         out, cache.state = self.method.step(self, q, k, v, rope, cache)
         return self.output(x, None, out, None)
 

@@ -58,16 +58,21 @@ def step_kind(model, offset):
 def step_function(model, kind=None):
     """model's compiled step of `kind`: (tokens, offset, slot, per-layer (state, keys, values)) ->
     (logits, new per-layer arrays). Its parameters are inputs, so updated weights are seen."""
-    tables = model.layers[0].self_attn.rotary  # every layer's RoPE is the same
 
     @partial(mx.compile, inputs=model.state)
     def step(tokens, offset, slot, arrays):
-        rotation = tables.at(offset) if tables is not None else None
-        caches = [StepCache(state, keys, values, offset, slot, rotation, kind) for state, keys, values in arrays]
-        logits = model(tokens, cache=caches)
-        return logits, [(c.state, c.keys, c.values) for c in caches]
+        return run_step(model, tokens, offset, slot, arrays, kind)
 
     return step
+
+
+def run_step(model, tokens, offset, slot, arrays, kind=None):
+    """The step's function (compiled by step_function): the step's RoPE once for every layer."""
+    tables = model.layers[0].self_attn.rotary  # every layer's RoPE is the same
+    rotation = tables.at(offset) if tables is not None else None
+    caches = [StepCache(state, keys, values, offset, slot, rotation, kind) for state, keys, values in arrays]
+    logits = model(tokens, cache=caches)
+    return logits, [(c.state, c.keys, c.values) for c in caches]
 
 
 def decode(model, tokens, cache):

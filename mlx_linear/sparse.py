@@ -18,6 +18,7 @@ the cache's raw keys, values, features and positions (-1: an empty slot).
 import mlx.core as mx
 import numpy as np
 
+from . import step_kernels
 from .fastmath import exp
 from .window import step_scores
 
@@ -123,7 +124,7 @@ def shift_blocks(method, state, o):
     return [S, *shifted, *kept]
 
 
-def step(method, attention, q, k, v, q_features, k_features, rope, cache):
+def step(method, attention, q, k, v, rope, cache):
     """One token of the compiled decode step, its position an array, with the window branch: the
     state's terms, then one softmax over the window's keys (sinks first), the pending block's and
     the cache's, each scored by its own rotation of the query, under LoLCATs' shared denominator
@@ -131,6 +132,11 @@ def step(method, attention, q, k, v, q_features, k_features, rope, cache):
     state, C, o = cache.state, method.window, rope.offset
     if cache.kind:  # the first token of a block
         state = shift_blocks(method, state, o)
+    fused = step_kernels.lola_step(method, attention, q, k, v, rope, state, cache)  # one launch where a GPU kernel serves
+    if fused is not None:
+        return fused
+    cache.write(rope(k), v)
+    q_features, k_features, _ = method.feature_maps(q, k, v, rope)
     r = o % C
     buffered = [mx.slice_update(old, new, C + r, axes=(2,)) for old, new in zip(state[1:4], (k, v.astype(mx.float32), k_features))]
     S, kept_k, kept_v, kept_at = state[0], state[4], state[5], state[7]

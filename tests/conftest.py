@@ -51,11 +51,11 @@ TINY_CONFIGS = {
 }
 
 
-def tiny_model(model_type="llama", seed=0, **linearization):
-    """A random linearized model of the TINY shape (window 8)."""
+def tiny_model(model_type="llama", seed=0, shape=None, **linearization):
+    """A random linearized model of the TINY shape (window 8), or of TINY updated by `shape`."""
     from mlx_linear.model import Model, ModelArgs
 
-    config = {"model_type": model_type, **TINY, **TINY_CONFIGS[model_type]}
+    config = {"model_type": model_type, **TINY, **TINY_CONFIGS[model_type], **(shape or {})}
     config["linearization"] = {"method": "liger-gla", "window": 8, **linearization}
     mx.random.seed(seed)
     model = Model(ModelArgs.from_dict(config))

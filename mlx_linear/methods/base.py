@@ -39,8 +39,9 @@ class LinearMethod(nn.Module):
         return None
 
     def step(self, attention, q, k, v, rope, cache):
-        """One token of the compiled decode step: (the mixed output, the new state). `cache`
-        (decode.StepCache) holds this token's key and value already."""
+        """One token of the compiled decode step: (the mixed output, the new state); it writes
+        the token's key and value into `cache` (decode.StepCache), the window's ring buffer."""
+        cache.write(rope(k), v)
         linear, state = self(q, k, v, rope, cache.state)
         queries = rope.rows(q, attention.step_positions())
         window, mass = attention_step(queries, cache.keys, cache.values, attention.scale, attention.sinks, self.needs_window_mass)

@@ -18,6 +18,7 @@ Options (the defaults are the paper's method):
 
 import mlx.core as mx
 
+from .. import step_kernels
 from ..fastmath import log_sigmoid, softmax
 from . import register
 from .base import LinearMethod
@@ -50,6 +51,10 @@ class LigerGLA(LinearMethod):
         if self.normalize:
             v = mx.concatenate([v.astype(mx.float32), mx.ones(v.shape[:-1] + (1,))], axis=-1)
         return softmax(q), softmax(k), v, log_gate
+
+    def step(self, attention, q, k, v, rope, cache):
+        fused = step_kernels.liger_step(self, attention, q, k, v, rope, cache, EPS)  # one launch where a GPU kernel serves
+        return fused or super().step(attention, q, k, v, rope, cache)
 
     def readout(self, output):
         if not self.normalize:

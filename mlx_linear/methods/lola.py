@@ -33,8 +33,7 @@ class LoLA(LoLCATs):
         return sparse.forward(self, q, k, v, q_features, k_features, rope, state)
 
     def step(self, attention, q, k, v, rope, cache):
-        q_features, k_features, _ = self.feature_maps(q, k, v, rope)
-        return sparse.step(self, attention, q, k, v, q_features, k_features, rope, cache)
+        return sparse.step(self, attention, q, k, v, rope, cache)
 
     def mix(self, linear, window, window_mass=None):
         if window_mass is None:

@@ -411,17 +411,18 @@ inline int launch(const uint* grid_xyz, const uint* group_xyz, int order,
     std::snprintf(error, error_size, "threadgroup of %u threads: at most %d", group.x * group.y * group.z, kMaxLanes);
     return -1;
   }
-  if (r.stacks == nullptr) {
-    void* memory = mmap(nullptr, kMaxLanes * kStackSize, PROT_READ | PROT_WRITE,
-                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (memory == MAP_FAILED) {
-      std::snprintf(error, error_size, "cannot map the lane stacks");
-      return -1;
-    }
-    r.stacks = static_cast<char*>(memory);
-    for (int k = 0; k < kMaxLanes; ++k) {  // a guard page below each stack
-      mprotect(r.stacks + k * kStackSize, 4096, PROT_NONE);
-    }
+  // The stacks of this launch's lanes, unmapped at its end: each guard page splits the mapping,
+  // and every kernel library loaded keeps its own runtime (the process has ~65k mappings).
+  size_t lanes_used = size_t(group.x) * group.y * group.z;
+  void* memory = mmap(nullptr, lanes_used * kStackSize, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (memory == MAP_FAILED) {
+    std::snprintf(error, error_size, "cannot map the lane stacks");
+    return -1;
+  }
+  r.stacks = static_cast<char*>(memory);
+  for (size_t k = 0; k < lanes_used; ++k) {  // a guard page below each stack
+    mprotect(r.stacks + k * kStackSize, 4096, PROT_NONE);
   }
   r.body = body;
   r.buffers = buffers;
@@ -466,6 +467,8 @@ inline int launch(const uint* grid_xyz, const uint* group_xyz, int order,
     sigaction(signals[k], &previous[k], nullptr);
   }
   sigaltstack(&previous_stack, nullptr);
+  munmap(r.stacks, lanes_used * kStackSize);
+  r.stacks = nullptr;
   return status;
 }
 
@@ -563,6 +566,10 @@ T simd_shuffle_up(T x, ushort delta) {
   auto e = metal_emu::exchange(x);
   return me >= delta ? e.value(me - delta) : x;
 }
+
+#ifndef INFINITY
+#define INFINITY __builtin_inff()
+#endif
 
 inline float exp(float x) { return __builtin_expf(x); }
 inline float exp2(float x) { return __builtin_exp2f(x); }

@@ -1,0 +1,83 @@
+"""The decode step's fused kernels (mlx_linear/step_kernels.py), executed on the CPU from their
+Metal source (tests/metal_emulation), against the MLX-ops step they replace, the oracle: the
+logits and every array of the new cache after one decode step of a tiny model."""
+
+import mlx.core as mx
+import pytest
+from mlx.utils import tree_flatten
+from metal_emulation import compiler, metal_kernel
+
+from mlx_linear import decode, step_kernels
+
+from conftest import TINY, incremental, tiny_model
+
+CHAT = {"sinks": 2, "options": {"normalize": True, "mix": 0.1, "learned_mix": True, "feature_proj": True}}
+# Head dims past a simdgroup's 32 lanes (SmolLM2's and Llama-3.2-1B's 64), RoPE's pairs side by side.
+WIDE = {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 64, "rope_traditional": True}
+LOLA = {"method": "lola", "sinks": 2, "options": {"slots": 3}}
+LOLA_CHAT = {"method": "lola", "sinks": 2, "options": {"slots": 3, "half_life": 6.0, "after_rope": False}}
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """use(True): the step takes the kernels, run by the emulator; use(False): MLX's ops."""
+    if compiler() is None:
+        pytest.skip("the Metal emulation needs Linux and clang++ (apt-get install clang)")
+
+    def use(on, schedules=(0,)):
+        kernels = step_kernels.make_step_kernels(lambda **spec: metal_kernel(**spec, schedules=schedules)) if on else None
+        monkeypatch.setattr(step_kernels, "ready", lambda name: kernels[name] if kernels else None)
+    return use
+
+
+def one_step(model, prompt=13, batch=1, seed=0):
+    """(logits, per-layer (state, keys, values)) of one uncompiled decode step after `prompt` tokens."""
+    tokens = mx.random.randint(0, TINY["vocab_size"], (batch, prompt + 1), key=mx.random.key(seed))
+    _, cache = incremental(model, tokens[:, :prompt], [prompt])
+    window = cache[0].caches[1]
+    offset, slot = mx.array(window.offset), mx.array(decode.write_slot(window))
+    kind = decode.step_kind(model, window.offset)
+    logits, arrays = decode.run_step(model, tokens[:, prompt:], offset, slot, decode.flat_arrays(cache), kind)
+    mx.eval(logits, arrays)
+    return logits, arrays
+
+
+def assert_same_step(model, fused, **options):
+    fused(True)
+    got = one_step(model, **options)
+    fused(False)
+    expected = one_step(model, **options)
+    assert mx.allclose(got[0], expected[0], rtol=1e-5, atol=1e-5).item()
+    for layer, (mine, theirs) in enumerate(zip(got[1], expected[1])):
+        for x, y in zip(tree_flatten(mine), tree_flatten(theirs)):
+            assert x[1].shape == y[1].shape and mx.allclose(x[1], y[1], rtol=1e-5, atol=1e-5).item(), (layer, x[0])
+
+
+@pytest.mark.parametrize("arch,recipe,batch", [("llama", {}, 1), ("qwen3", CHAT, 2), ("llama", {"sinks": 3}, 2),
+                                                ("llama", {"shape": WIDE, **CHAT}, 1)])
+def test_liger_step_kernel_equals_the_ops_step(fused, arch, recipe, batch):
+    assert_same_step(tiny_model(arch, **recipe), fused, batch=batch)
+
+
+@pytest.mark.parametrize("recipe,prompt,batch", [(LOLA, 13, 1), (LOLA_CHAT, 21, 2), (LOLA_CHAT, 24, 1),
+                                                 ({"shape": WIDE, **LOLA_CHAT}, 29, 1)])
+def test_lola_step_kernel_equals_the_ops_step(fused, recipe, prompt, batch):
+    """Between boundaries and at one (24: the block's shift, then the kernel), the cache partly
+    filled, GQA groups of 2 and 4, head dims of 16 and 64."""
+    assert_same_step(tiny_model(**recipe), fused, prompt=prompt, batch=batch)
+
+
+@pytest.mark.parametrize("recipe,prompt", [(CHAT, 13), (LOLA_CHAT, 21)])
+def test_step_kernels_do_not_depend_on_the_simdgroup_order(fused, recipe, prompt):
+    fused(True, schedules=(0, 1))  # KernelError where the two orders differ (a missing barrier)
+    one_step(tiny_model("qwen3", **recipe), prompt=prompt, batch=2)
+
+
+@pytest.mark.parametrize("recipe,kernel", [({}, "liger"), (LOLA, "lola")])
+def test_the_step_takes_the_kernel(fused, monkeypatch, recipe, kernel):
+    calls = []
+    fused(True)
+    stock = step_kernels.ready
+    monkeypatch.setattr(step_kernels, "ready", lambda name: calls.append(name) or stock(name))
+    one_step(tiny_model(**recipe))
+    assert calls == [kernel] * TINY["num_hidden_layers"]
