@@ -12,34 +12,48 @@ speed ratio of the two stages.
 import argparse
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 from common import SHARED_DATA, write_json
 
 import mlx.core as mx
 import mlx.optimizers as optim
 from mlx_lm.tuner.callbacks import TrainingCallback
-from mlx_lm.tuner.trainer import TrainingArgs
+from mlx_lm.tuner.trainer import TrainingArgs, grad_checkpoint
 from mlx_lm.tuner.trainer import train as mlx_lm_train
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 import mlx_linear
-from mlx_linear.adapters import lora_config
+from mlx_linear.adapters import apply_lora, lora_config
 from mlx_linear.convert import bundled_model
-from mlx_linear.train import TrainConfig, load_source, train
+from mlx_linear.train import TrainConfig, load_source
 from mlx_linear.train.data import sequences
+from mlx_linear.train.trainer import Trainer, batches
 
 DATA = SHARED_DATA / "gentext"
+
+
+def trainer_speed(model, stream, config, updates):
+    """tokens/s (the first update, which traces, left out) and peak GB of lora-train's update
+    (mlx_linear.train.Trainer, LoRA applied as lora-train applies it) on `stream`'s (tokens, mask)."""
+    targets = () if config.objective == "transfer" else config.lora_targets
+    apply_lora(model, lora_config(model, config.lora_rank, config.lora_scale, config.lora_dropout, targets))
+    if config.grad_checkpoint:
+        grad_checkpoint(model.layers[0])
+    run = SimpleNamespace(state={"update": 0, "sequences": 0, "tokens": 0, "log": []})
+    trainer = Trainer(model, config, run, mx.distributed.init())
+    data = batches(stream, config.batch_size, 0, 1)
+    model.train()
+    mx.reset_peak_memory()
+    rates = [trainer.update(data)["tokens_per_second"] for _ in range(updates + 1)][1:]
+    return {"tokens_per_second": sum(rates) / len(rates), "peak_memory_gb": mx.get_peak_memory() / 1e9}
 
 
 def ours(source, seq_len, steps, grad_checkpoint, method="liger-gla", objective="ce"):
     model, tokenizer = mlx_linear.load(bundled_model(method))
     config = TrainConfig(seq_len=seq_len, grad_accumulation=1, iters=steps, val_every=10**9, val_sequences=1,
                          grad_checkpoint=grad_checkpoint, objective=objective)
-    mx.reset_peak_memory()
-    with tempfile.TemporaryDirectory() as out:
-        state = train(model, tokenizer, [source], config, out)
-    rates = [e["tokens_per_second"] for e in state["log"] if "loss" in e][1:]  # the first step warms up
-    return {"tokens_per_second": sum(rates) / len(rates), "peak_memory_gb": mx.get_peak_memory() / 1e9}
+    return trainer_speed(model, sequences([source], tokenizer, seq_len), config, steps)
 
 
 class Recorder(TrainingCallback):
@@ -50,12 +64,10 @@ class Recorder(TrainingCallback):
         self.reports.append(info)
 
 
-def original(source, seq_len, steps, grad_checkpoint):
-    """mlx-lm's LoRA trainer on the original transformer (float32 on the CPU), LoRA on q, k, v."""
-    model, tokenizer = mlx_linear.load(bundled_model("none"))
+def mlx_lm_speed(model, stream, seq_len, steps, grad_checkpoint):
+    """mlx-lm's LoRA trainer on a transformer, LoRA on q, k, v: tokens/s after warm-up, peak GB."""
     model.freeze()
     linear_to_lora_layers(model, len(model.layers), lora_config(model)["lora_parameters"])
-    stream = sequences([source], tokenizer, seq_len)
 
     def iterate_batches(dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
         while True:
@@ -71,6 +83,12 @@ def original(source, seq_len, steps, grad_checkpoint):
         mlx_lm_train(model, optim.AdamW(1e-3), [0], None, args, iterate_batches=iterate_batches, training_callback=recorder)
     # The second report window excludes compilation and warm-up.
     return {"tokens_per_second": recorder.reports[-1]["tokens_per_second"], "peak_memory_gb": mx.get_peak_memory() / 1e9}
+
+
+def original(source, seq_len, steps, grad_checkpoint):
+    """mlx-lm's trainer on the original SmolLM2 (float32 on the CPU)."""
+    model, tokenizer = mlx_linear.load(bundled_model("none"))
+    return mlx_lm_speed(model, sequences([source], tokenizer, seq_len), seq_len, steps, grad_checkpoint)
 
 
 def main():

@@ -81,3 +81,22 @@ def test_the_step_takes_the_kernel(fused, monkeypatch, recipe, kernel):
     monkeypatch.setattr(step_kernels, "ready", lambda name: calls.append(name) or stock(name))
     one_step(tiny_model(**recipe))
     assert calls == [kernel] * TINY["num_hidden_layers"]
+
+
+ON_GPU = mx.metal.is_available() or mx.cuda.is_available()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="runs MLX's own kernels (Metal, or the CUDA twins) on a GPU")
+@pytest.mark.parametrize("recipe,prompt", [(CHAT, 13), ({"shape": WIDE, **LOLA_CHAT}, 29), (LOLA_CHAT, 24)])
+def test_step_kernels_on_this_gpu(monkeypatch, recipe, prompt):
+    """The kernels MLX builds here (the CUDA twins asked for) against the ops step, compiled."""
+    monkeypatch.setenv("MLX_LINEAR_KERNELS", "cuda")
+    assert step_kernels._kernels is not None
+    model = tiny_model(**recipe)
+    tokens = mx.random.randint(0, TINY["vocab_size"], (2, prompt + 8), key=mx.random.key(5))
+    runs = []
+    for kernels in ("cuda", "0"):
+        monkeypatch.setenv("MLX_LINEAR_KERNELS", kernels)
+        model._decode_steps = {}
+        runs.append(incremental(model, tokens, [prompt]))
+    assert mx.allclose(runs[0][0], runs[1][0], rtol=1e-4, atol=1e-4).item()
