@@ -6,6 +6,7 @@ where a prefill step of N tokens goes (the chat prefills in steps of 512).
     python bench/decode_profile.py --model paper    # the paper's Liger-GLA recipe
     python bench/decode_profile.py --prefill 512    # one prefill step after the context
     python bench/decode_profile.py --kernels        # kernels a decode step, every model and the original
+    python bench/decode_profile.py --kernels --prefill 2048   # kernels a token of a 2,048-token prefill step
 
 Each family runs the model's own modules on one token's inputs for every layer, as one graph
 evaluated per token; families and the whole step are timed in interleaved rounds, so other
@@ -80,11 +81,16 @@ def decode_steps(model, cache, token, steps):
         token = mx.argmax(logits[:, -1], axis=-1)
 
 
-def kernel_count(model, context=1024, steps=64):
-    """The mean primitives a decode step, in all and by family, after a `context`-token prompt."""
+def kernel_count(model, context=1024, steps=64, prefill=0):
+    """The mean primitives a decode step, in all and by family, after a `context`-token prompt;
+    with `prefill`, those of one prefill step of that many tokens after it, a token."""
     cache, token = prefilled(model, context)
     total = collections.Counter()
-    for _, outputs in decode_steps(model, cache, token, steps):
+    if prefill:
+        tokens = mx.random.randint(0, model.model.embed_tokens.weight.shape[0], (1, prefill))
+        mx.eval(tokens)
+        total, steps = primitives([model(tokens, cache=cache)[:, -1], [c.state for c in cache]]), prefill
+    for _, outputs in decode_steps(model, cache, token, 0 if prefill else steps):
         total += primitives(outputs)
     return sum(total.values()) / steps, {name: n / steps for name, n in total.most_common()}
 
@@ -112,14 +118,14 @@ def fused_step_kernels():
 FUSED = ("chat", "paper")  # the models whose step has fused kernels
 
 
-def kernels_report(names, context):
+def kernels_report(names, context, prefill=0):
     rows = {}
     for name in names:
         model, _ = load_bench_model(name)
-        for fused in (False, True) if name in FUSED else (False,):
+        for fused in (False, True) if name in FUSED and not prefill else (False,):
             with fused_step_kernels() if fused else nullcontext():
                 model._decode_steps = {}  # traced anew
-                per_step, by_family = kernel_count(model, context)
+                per_step, by_family = kernel_count(model, context, prefill=prefill)
             label = name + (" fused" if fused else "")
             rows[label] = {"model": DESCRIPTIONS[name] + (", fused step kernels (GPU)" if fused else ""), "per_step": per_step,
                            "per_layer": per_step / len(model.layers), "families": by_family}
@@ -129,7 +135,8 @@ def kernels_report(names, context):
         row["vs_original"] = row["per_step"] / original if original else None
         share = f"{row['vs_original']:5.2f}x the original's" if original else ""
         top = ", ".join(f"{k} {v:.0f}" for k, v in list(row["families"].items())[:5])
-        print(f"{row['model']:62s} {row['per_step']:7.0f} a step ({row['per_layer']:5.1f} a layer) {share} | {top}")
+        unit = "a prefill token" if prefill else "a step"
+        print(f"{row['model']:62s} {row['per_step']:7.1f} {unit} ({row['per_layer']:5.2f} a layer) {share} | {top}")
     return rows
 
 
@@ -260,8 +267,9 @@ def main():
     args = parser.parse_args()
     if args.kernels:
         context = args.context or 1024
-        rows = kernels_report(list(DESCRIPTIONS), context)
-        print(f"wrote {write_json('decode_kernels', {'context': context, 'models': rows})}")
+        rows = kernels_report(list(DESCRIPTIONS), context, args.prefill)
+        name = f"prefill_kernels_{args.prefill}" if args.prefill else "decode_kernels"
+        print(f"wrote {write_json(name, {'context': context, 'prefill': args.prefill, 'models': rows})}")
         return
     args.context = args.context or 256
     model, _ = load_bench_model(args.model)

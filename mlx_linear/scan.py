@@ -14,6 +14,7 @@ its second pass is gla_scan. See gsa_scan.
 """
 
 import mlx.core as mx
+import numpy as np
 
 from . import kernels
 from .fastmath import LOG2_E, exp, exp2, softmax
@@ -21,6 +22,7 @@ from .fastmath import LOG2_E, exp, exp2, softmax
 CHUNK = 64
 SUB_CHUNK = 8
 RECURRENT_MAX_LEN = 16
+CARRY_GROUP = 64  # chunks whose carried states one matmul computes (its weights: n^2 per decayed dim)
 
 
 def _group_queries(q, num_state_heads):
@@ -135,13 +137,32 @@ def _split_chunks(q, k, v, log_g, chunk, gated):
     return _group_queries(q, k.shape[1]), k, v, mx.cumsum(g * LOG2_E, axis=-2)
 
 
-def _carry(state, chunk_decays, chunk_states):
-    """The state entering each chunk, (B, Hs, 1, n, ...) to broadcast over query groups, and the last."""
+def _carry_group(state, log_decays, chunk_states):
+    """_carry over n chunks in one matmul: S_i = 2^(L_(i-1)) S_0 + sum_(j<i) 2^(L_(i-1) - L_j) C_j, L the
+    cumulative log2-decay; the decayed axis (rows or columns) is a batch axis of the sum over chunks."""
+    rows, n = log_decays.shape[-1] == 1, log_decays.shape[2]
+    ends = mx.cumsum(log_decays[..., 0] if rows else log_decays[..., 0, :], axis=2)  # (B, Hs, n, a)
+    starts = mx.pad(ends, [(0, 0), (0, 0), (1, 0), (0, 0)])  # L_(i-1) for i = 0..n
+    earlier = mx.array((np.arange(n + 1)[:, None] > np.arange(n)[None, :])[..., None])  # j < i
+    weights = exp2(mx.where(earlier, starts[:, :, :, None] - ends[:, :, None], -mx.inf)).transpose(0, 1, 4, 2, 3)
+    order = (0, 1, 3, 2, 4) if rows else (0, 1, 4, 2, 3)  # (B, Hs, a, n, b): the decayed axis first
+    summed = (weights @ chunk_states.transpose(order)).transpose(order if rows else (0, 1, 3, 4, 2))
+    initial = exp2(starts)[..., None] if rows else exp2(starts)[..., None, :]
+    return initial * state[:, :, None] + summed  # (B, Hs, n + 1, ...): entering each chunk, then the last
+
+
+def _carry(state, log_decays, chunk_states):
+    """The state entering each chunk, (B, Hs, 1, n, ...) to broadcast over query groups, and the last:
+    S_(i+1) = 2^(g_i) S_i + C_i, g_i (B, Hs, n, dk, 1) decaying rows or (B, Hs, n, 1, M) columns.
+    Groups of chunks in one matmul each (not n sequential kernels), carried from group to group."""
     entering = []
-    for i in range(chunk_states.shape[2]):
-        entering.append(state)
-        state = chunk_decays[:, :, i] * state + chunk_states[:, :, i]
-    return mx.stack(entering, axis=2)[:, :, None], state
+    for start in range(0, chunk_states.shape[2], CARRY_GROUP):
+        group = slice(start, start + CARRY_GROUP)
+        states = _carry_group(state, log_decays[:, :, group], chunk_states[:, :, group])
+        entering.append(states[:, :, :-1])
+        state = states[:, :, -1]
+    entering = entering[0] if len(entering) == 1 else mx.concatenate(entering, axis=2)
+    return entering[:, :, None], state
 
 
 def gla_chunked(q, k, v, log_g, state=None, chunk=CHUNK, sub_chunk=SUB_CHUNK):
@@ -151,7 +172,7 @@ def gla_chunked(q, k, v, log_g, state=None, chunk=CHUNK, sub_chunk=SUB_CHUNK):
     q, k, v, g = _split_chunks(q, k, v, log_g, chunk, gated=k)
     g_last = g[..., -1:, :]
     chunk_states = (k * exp2(g_last - g)).swapaxes(-1, -2) @ v  # (B, Hs, n, dk, dv)
-    entering, state = _carry(state, exp2(g_last).swapaxes(-1, -2), chunk_states)
+    entering, state = _carry(state, g_last.swapaxes(-1, -2), chunk_states)
     o = (q * exp2(g)[:, :, None]) @ entering + _intra_chunk(q, k, v, g, sub_chunk)
     return o.reshape(B, H, -1, v.shape[-1])[:, :, :L], state
 
@@ -164,7 +185,7 @@ def slot_chunked(q, k, s, log_g, state=None, chunk=CHUNK, sub_chunk=SUB_CHUNK):
     q, k, s, g = _split_chunks(q, k, s, log_g, chunk, gated=s)
     g_last = g[..., -1:, :]
     chunk_states = k.swapaxes(-1, -2) @ (s * exp2(g_last - g))  # (B, Hs, n, dk, M)
-    entering, state = _carry(state, exp2(g_last), chunk_states)
+    entering, state = _carry(state, g_last, chunk_states)
     o = (q @ entering) * exp2(g)[:, :, None] + _slot_intra_chunk(q, k, s, g, sub_chunk)
     return o.reshape(B, H, -1, s.shape[-1])[:, :, :L], state
 

@@ -96,6 +96,18 @@ def test_gradients_match(family, B, H, Hs, L, d):
             assert mx.allclose(g, g_ref, atol=1e-3, rtol=1e-3).item(), scan.__name__
 
 
+@pytest.mark.parametrize("family", ["gla", "slot"])
+def test_chunks_carried_group_by_group(monkeypatch, family):
+    """Past CARRY_GROUP chunks the carried states are computed a group at a time (here 2 chunks)."""
+    from mlx_linear import scan
+
+    monkeypatch.setattr(scan, "CARRY_GROUP", 2)
+    reference, (_, chunked), make = FAMILIES[family]
+    inputs = make(1, 4, 2, 300, 32, seed=7)
+    for x, x_ref in zip(chunked(*inputs), reference(*inputs), strict=True):
+        assert mx.allclose(x, x_ref, atol=2e-4, rtol=1e-4).item()
+
+
 def test_scalar_decay_broadcasts():
     q, k, v, log_g, state = make_inputs(1, 4, 2, 70, 32, seed=3)
     scalar = log_g[..., :1]
