@@ -47,7 +47,7 @@ def make_step_kernels(metal_kernel=None, cuda_kernel=None):
     if metal_kernel is None and cuda_kernel is None:
         if mx.metal.is_available():
             metal_kernel = mx.fast.metal_kernel
-        elif mx.cuda.is_available():
+        elif cuda_available():
             cuda_kernel = mx.fast.cuda_kernel
         else:
             return None
@@ -55,6 +55,10 @@ def make_step_kernels(metal_kernel=None, cuda_kernel=None):
     if metal_kernel is not None:
         return {name: metal_kernel(**spec, header=common) for name, spec in SPECS.items()}
     return {name: cuda_kernel(**spec, header=_source("cuda_prelude.cuh") + common) for name, spec in SPECS.items()}
+
+
+def cuda_available():
+    return getattr(mx, "cuda", None) is not None and mx.cuda.is_available()
 
 
 _kernels = make_step_kernels()
@@ -80,9 +84,10 @@ def liger_step(method, attention, q, k, v, rope, cache, eps):
     buffer replaced by the kernel's copy with the token's key and value; None where no kernel
     serves (no GPU kernel, or RoPE without tables)."""
     kernel = ready("liger")
-    if kernel is None or cache.rotation is None:
-        return None
     (B, H, _, d), (Hkv, N, dv) = q.shape, (cache.keys.shape[1], cache.keys.shape[2], cache.values.shape[-1])
+    floats = (H // Hkv) * (4 * d + dv + 1 + N) + 3 * d + dv  # its threadgroup arrays (at most)
+    if kernel is None or cache.rotation is None or 4 * floats > THREADGROUP_BYTES:
+        return None
     qf, kf = (q @ method.q_map, k @ method.k_map) if "q_map" in method else (q, k)  # the maps, before features
     q, qf, k, kf, v = (x.reshape(x.shape[0], x.shape[1], -1) for x in (q, qf, k, kf, v))
     state = cache.state[0]
@@ -111,7 +116,7 @@ def lola_step(method, attention, q, k, v, rope, state, cache):
     kernel = ready("lola")
     (B, H, _, d), (Hkv, N) = q.shape, cache.keys.shape[1:3]
     R, C, slots, f = H // Hkv, method.window, method.slots, method.q_map.shape[-1]
-    floats = R * (4 * d + d + 1 + 4 * f + N + C + slots) + 3 * d
+    floats = R * (6 * d + 4 * f + N + C + slots + 3) + 3 * d  # its threadgroup arrays
     if kernel is None or cache.rotation is None or 4 * floats > THREADGROUP_BYTES:
         return None
     S, block_keys, block_values, block_features, cache_keys, cache_values, _, positions = state

@@ -83,7 +83,7 @@ def test_the_step_takes_the_kernel(fused, monkeypatch, recipe, kernel):
     assert calls == [kernel] * TINY["num_hidden_layers"]
 
 
-ON_GPU = mx.metal.is_available() or mx.cuda.is_available()
+ON_GPU = mx.metal.is_available() or step_kernels.cuda_available()
 
 
 @pytest.mark.skipif(not ON_GPU, reason="runs MLX's own kernels (Metal, or the CUDA twins) on a GPU")
