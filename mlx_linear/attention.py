@@ -135,8 +135,11 @@ class LinearizedAttention(nn.Module):
 
     def output(self, x, linear, window, mass):
         """The mixed branches through the output projection."""
+        return self.project_out(x, window if linear is None else self.method.mix(linear, window, mass))
+
+    def project_out(self, x, out):
+        """The heads' output (B, H, L, d) through the output projection."""
         B, L, _ = x.shape
-        out = window if linear is None else self.method.mix(linear, window, mass)
         return self.o_proj(out.astype(x.dtype).transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def decode_step(self, x, cache):
@@ -145,7 +148,7 @@ class LinearizedAttention(nn.Module):
         q, k, v = self.project(x)
         rope = Rope(self.rope, cache.offset, self.rotary, cache.rotation)
         out, cache.state = self.method.step(self, q, k, v, rope, cache)
-        return self.output(x, None, out, None)
+        return self.project_out(x, out)
 
     def step_positions(self):
         """Where a decode step rotates its query: its own position, and the sinks' horizon."""

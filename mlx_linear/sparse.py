@@ -134,39 +134,48 @@ def step(method, attention, q, k, v, rope, cache):
     state's terms, then one softmax over the window's keys (sinks first), the pending block's and
     the cache's, each scored by its own rotation of the query, under LoLCATs' shared denominator
     (`combine`'s, folded). The buffer's first block is the pending one; the token goes to C + r."""
-    state, C, o = cache.state, method.window, rope.offset
-    if cache.kind:  # the first token of a block
-        state = shift_blocks(method, state, o)
+    state = shift_blocks(method, cache.state, rope.offset) if cache.kind else cache.state  # a block's first token
     fused = step_kernels.lola_step(method, attention, q, k, v, rope, state, cache)  # one launch where a GPU kernel serves
-    if fused is not None:
-        return fused
+    return fused if fused is not None else step_ops(method, attention, q, k, v, rope, cache, state)
+
+
+def step_ops(method, attention, q, k, v, rope, cache, state):
+    """`step` in MLX ops, the fused kernel's oracle."""
+    C, o = method.window, rope.offset
+    r = o % C
     cache.write(rope(k), v)
     q_features, k_features, _ = method.feature_maps(q, k, v, rope)
-    r = o % C
     buffered = [mx.slice_update(old, new, C + r, axes=(2,)) for old, new in zip(state[1:4], (k, v.astype(mx.float32), k_features))]
-    S, kept_k, kept_v, kept_at = state[0], state[4], state[5], state[7]
+    keys, values, spans, visible = exact_keys(method, attention, rope, cache, buffered, state, o, r)
     queries = rope.rows(q, attention.step_positions() + [C + r, 2 * C])
-    ring = cache.keys.shape[2]  # sinks and window
-    keys = mx.concatenate([cache.keys.astype(mx.float32), rope(buffered[0][:, :, :C], 0), kept_k], axis=2)
-    values = mx.concatenate([cache.values.astype(mx.float32), buffered[1][:, :, :C], kept_v], axis=2)
-    rows = len(attention.step_positions())
-    spans = ([(1, 0, method.sinks)] if method.sinks else []) + [(rows, ring, ring + C), (rows + 1, ring + C, keys.shape[2])]
-    scores = step_scores(queries, keys, method.scale, spans)
-    column, B, Hkv = np.arange(C), *kept_at.shape[:2]
-    pending = (mx.array(column) <= r) & (o - r - C + mx.array(column.astype(np.float32)) >= method.sinks)
-    whole_ring = mx.array(np.ones((1, 1, ring), dtype=bool))
-    visible = mx.concatenate([mx.broadcast_to(x, (B, Hkv, x.shape[-1])) for x in (whole_ring, pending[None, None], kept_at >= 0)], axis=-1)
-    scores = mx.where(visible[:, :, None, None], scores, -mx.inf)
-    in_window = mx.array(np.arange(keys.shape[2]) < ring)
+    scores = mx.where(visible[:, :, None, None], step_scores(queries, keys, method.scale, spans), -mx.inf)
+    in_window = mx.array(np.arange(keys.shape[2]) < cache.keys.shape[2])
     top, both = mx.where(in_window, scores, -mx.inf).max(-1, keepdims=True), scores.max(-1, keepdims=True)
     exps = exp(scores - both)
-    H = q.shape[1]
+    B, H = q.shape[:2]
     exact_num = (exps @ values[:, :, None]).reshape(B, H, 1, -1)
     exact_den = exps.sum(-1).reshape(B, H, 1, 1)
-    linear = (q_features @ S) * exp(method.log_decay * r)
+    linear = (q_features @ state[0]) * exp(method.log_decay * r)
     weight, own = mx.sigmoid(method.window_logit), exp(top - both).reshape(B, H, 1, 1)
     out = (weight * exact_num + own * linear[..., :-1]) / (weight * exact_den + own * linear[..., -1:])
-    return out, [S, *buffered, *state[4:]]
+    return out, [state[0], *buffered, *state[4:]]
+
+
+def exact_keys(method, attention, rope, cache, buffered, state, o, r):
+    """The keys and values a decode step attends exactly: the ring (sinks first), the pending
+    block (rotated to its rows) and the cache; the query row that scores each span; and which
+    keys are visible (the pending block's up to row r, past the sinks; the cache's filled slots)."""
+    C, ring, kept_at = method.window, cache.keys.shape[2], state[7]
+    keys = mx.concatenate([cache.keys.astype(mx.float32), rope(buffered[0][:, :, :C], 0), state[4]], axis=2)
+    values = mx.concatenate([cache.values.astype(mx.float32), buffered[1][:, :, :C], state[5]], axis=2)
+    rows = len(attention.step_positions())
+    spans = ([(1, 0, method.sinks)] if method.sinks else []) + [(rows, ring, ring + C), (rows + 1, ring + C, keys.shape[2])]
+    column = np.arange(C)
+    pending = (mx.array(column) <= r) & (o - r - C + mx.array(column.astype(np.float32)) >= method.sinks)
+    whole_ring = mx.array(np.ones((1, 1, ring), dtype=bool))
+    shape = kept_at.shape[:2]
+    visible = mx.concatenate([mx.broadcast_to(x, shape + x.shape[-1:]) for x in (whole_ring, pending[None, None], kept_at >= 0)], axis=-1)
+    return keys, values, spans, visible
 
 
 def read_terms(method, rope, q, q_features, S, pending, kept, rows, by_block, near_offset):
