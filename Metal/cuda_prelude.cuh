@@ -21,6 +21,7 @@ __device__ inline float simd_sum(float x) {
   for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffff, x, offset);
   return x;
 }
+__device__ inline float simd_broadcast(float x, int lane) { return __shfl_sync(0xffffffff, x, lane); }
 __device__ inline float simd_max(float x) {
   for (int offset = 16; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, offset));
   return x;

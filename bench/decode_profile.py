@@ -55,7 +55,8 @@ def prefilled(model, context):
     return cache, mx.argmax(logits[:, -1], axis=-1)
 
 
-VIEWS = {"Reshape", "Transpose", "Broadcast", "Slice", "ExpandDims", "Squeeze", "AsStrided", "Flatten", "Unflatten"}
+VIEWS = {"Reshape", "Transpose", "Broadcast", "Slice", "ExpandDims", "Squeeze", "AsStrided", "Flatten", "Unflatten",
+         "StopGradient", "CustomTransforms"}  # views, and no-ops that share their input's buffer
 
 
 def primitives(outputs):
@@ -115,19 +116,19 @@ def fused_step_kernels():
         step_kernels.ready = stock
 
 
-FUSED = ("chat", "paper")  # the models whose step has fused kernels
+FUSED = ("chat", "paper")  # the models with fused kernels (decode; LoLA's block boundary in prefill)
 
 
 def kernels_report(names, context, prefill=0):
     rows = {}
     for name in names:
         model, _ = load_bench_model(name)
-        for fused in (False, True) if name in FUSED and not prefill else (False,):
+        for fused in (False, True) if name in FUSED else (False,):
             with fused_step_kernels() if fused else nullcontext():
                 model._decode_steps = {}  # traced anew
                 per_step, by_family = kernel_count(model, context, prefill=prefill)
             label = name + (" fused" if fused else "")
-            rows[label] = {"model": DESCRIPTIONS[name] + (", fused step kernels (GPU)" if fused else ""), "per_step": per_step,
+            rows[label] = {"model": DESCRIPTIONS[name] + (", fused kernels (GPU)" if fused else ""), "per_step": per_step,
                            "per_layer": per_step / len(model.layers), "families": by_family}
         del model
     original = rows.get("none", {}).get("per_step")

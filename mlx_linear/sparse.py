@@ -102,8 +102,9 @@ def forward(method, q, k, v, q_features, k_features, rope, state=None):
     S, kept, read = state[0], tuple(state[4:]), []
     for b in range(o // C, (o + L - 1) // C + 1):  # each query block reads the state and cache of its boundary
         if b * C >= o:  # that boundary lies in this chunk: block b - 2 has left the window
-            S, kept = compiled_boundary(S, kept, [x[:, :, b - 1 - last_seen] for x in line], mx.array(b * C), method.sinks,
-                                        method.log_decay, method.horizon)
+            block, start = [x[:, :, b - 1 - last_seen] for x in line], mx.array(b * C)
+            S, kept = (step_kernels.lola_boundary(boundary, S, kept, block, start, method.sinks, method.log_decay, method.horizon)
+                       or compiled_boundary(S, kept, block, start, method.sinks, method.log_decay, method.horizon))
         read.append((S, *kept))
     S_read, kept_k, kept_v, _, kept_at = (mx.stack(x, axis=2) if len(read) > 1 else x[0][:, :, None] for x in zip(*read))
     front, pending = o % C, slice(o // C - last_seen, -1)  # pending: the block before each query block

@@ -1,5 +1,6 @@
-"""The decode step's fused kernels: a linearized layer's attention for one token in one launch
-(the state, the window and its sinks, the mix), where MLX's ops take ~20 kernels a layer.
+"""Fused kernels of the decode step and of LoLA's prefill: a linearized layer's attention for one
+token in one launch (the state, the window and its sinks, the mix), where MLX's ops take ~20
+kernels a layer; LoLA's block boundary (the cache's ranking and the state's write) in one.
 
 In mlx-lm's shape, as kernels.py: `make_step_kernels` builds them once (Metal, or CUDA from the
 same sources through Metal/cuda_prelude.cuh), a thin launcher per kernel, and the ops they
@@ -36,6 +37,13 @@ SPECS = {
                      "slot", "scale", "log_decay"],
         output_names=["y", "keys_out", "values_out", "block_keys_out", "block_values_out", "block_features_out"],
         source=_source("lola_step.metal"),
+    ),
+    "boundary": dict(
+        name="lola_boundary",
+        input_names=["state", "cache_keys", "cache_values", "cache_features", "cache_positions", "block_keys",
+                     "block_values", "block_features", "block_positions", "start", "log_decay"],
+        output_names=["state_out", "keys_out", "values_out", "features_out", "positions_out"],
+        source=_source("lola_boundary.metal"),
     ),
 }
 THREADGROUP_BYTES = 28 << 10  # of the 32 KB a threadgroup may hold: larger layers take the ops
@@ -135,3 +143,40 @@ def lola_step(method, attention, q, k, v, rope, state, cache):
     )
     y, cache.keys, cache.values, *blocks = outputs
     return y.reshape(B, H, 1, d), [S, *blocks, *state[4:]]
+
+
+def lola_boundary(ops, S, cache, block, start, sinks, log_decay, horizon):
+    """`ops` (sparse.boundary) in one launch where a GPU kernel serves, else None. Differentiable:
+    its gradients are those of `ops`, recomputed (training on a GPU)."""
+    kernel = ready("boundary")
+    slots, C = cache[0].shape[2], block[0].shape[2]
+    if kernel is None or 14 * (slots + C) > THREADGROUP_BYTES:
+        return None
+    (B, H, F, _), (Hkv, d) = S.shape, (cache[0].shape[1], cache[0].shape[-1])
+
+    @mx.custom_function
+    def fused(S, cache, block, start):
+        S, *kept = kernel(
+            inputs=[S, *cache, *block, start.reshape(1), scalar(log_decay)],
+            template=[("Dk", d), ("F", F), ("SLOTS", slots), ("C", C), ("R", H // Hkv), ("S", sinks),
+                      ("HORIZON", horizon), ("NSG", SIMDGROUPS)],
+            grid=(32, SIMDGROUPS, B * Hkv),
+            threadgroup=(32, SIMDGROUPS, 1),
+            output_shapes=[S.shape] + [x.shape for x in cache],
+            output_dtypes=[mx.float32] * 5,
+        )
+        return S, tuple(kept)
+
+    @fused.vjp
+    def fused_vjp(primals, cotangents, outputs):
+        (S, cache, block, start), (dS, dcache) = primals, cotangents
+        # Positions and the start choose the cache (through argsort): no gradient flows into them.
+        def differentiable(S, *parts):
+            S, kept = ops(S, (*parts[:3], cache[3]), [*parts[3:], block[3]], start, sinks, log_decay, horizon)
+            return [S, *kept[:3]]
+
+        grads = mx.vjp(differentiable, [S, *cache[:3], *block[:3]], [dS, *dcache[:3]])[1]
+        zero = mx.zeros_like
+        return grads[0], (*grads[1:4], zero(cache[3])), [*grads[4:7], zero(block[3])], zero(start)
+
+    return fused(S, tuple(cache), list(block), start.astype(mx.float32))

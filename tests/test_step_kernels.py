@@ -80,7 +80,7 @@ def test_the_step_takes_the_kernel(fused, monkeypatch, recipe, kernel):
     stock = step_kernels.ready
     monkeypatch.setattr(step_kernels, "ready", lambda name: calls.append(name) or stock(name))
     one_step(tiny_model(**recipe))
-    assert calls == [kernel] * TINY["num_hidden_layers"]
+    assert calls.count(kernel) == TINY["num_hidden_layers"]  # the prefill asks for LoLA's boundary kernel too
 
 
 ON_GPU = mx.metal.is_available() or step_kernels.cuda_available()
@@ -100,3 +100,44 @@ def test_step_kernels_on_this_gpu(monkeypatch, recipe, prompt):
         model._decode_steps = {}
         runs.append(incremental(model, tokens, [prompt]))
     assert mx.allclose(runs[0][0], runs[1][0], rtol=1e-4, atol=1e-4).item()
+
+
+def prefill(model, tokens):
+    """Logits and every layer's state after one forward of `tokens` through a fresh cache."""
+    _, cache = incremental(model, tokens, [tokens.shape[1]])
+    logits = model(tokens[:, -1:], cache=cache)  # the step after, which reads the last boundary's cache
+    mx.eval(logits, [c.state for c in cache])
+    return logits, [c.state for c in cache]
+
+
+HORIZON = {**LOLA_CHAT, "options": {**LOLA_CHAT["options"], "horizon": 12}}
+
+
+@pytest.mark.parametrize("recipe,length", [(LOLA, 40), (LOLA_CHAT, 45), (HORIZON, 60),
+                                           ({**LOLA, "options": {"slots": 12, "horizon": 12}}, 48), ({"shape": WIDE, **LOLA_CHAT}, 37)])
+def test_lola_boundary_kernel_equals_the_ops(fused, recipe, length):
+    """A prefill crossing several block boundaries: the cache filling, full, past a horizon (fewer
+    eligible keys than slots: the cache's keys past it stay in their slots as zeros and enter the state)."""
+    model = tiny_model(**recipe)
+    model.compile_decode = False
+    tokens = mx.random.randint(0, TINY["vocab_size"], (2, length), key=mx.random.key(7))
+    fused(True)
+    got = prefill(model, tokens)
+    fused(False)
+    expected = prefill(model, tokens)
+    assert mx.allclose(got[0], expected[0], rtol=1e-5, atol=1e-5).item()
+    arrays = [[(k, x) for k, x in tree_flatten(states) if isinstance(x, mx.array)] for states in (got[1], expected[1])]
+    assert len(arrays[0]) == len(arrays[1]) > 0
+    for (name, x), (_, y) in zip(*arrays):
+        assert mx.allclose(x, y, rtol=1e-5, atol=1e-5).item(), name
+
+
+def test_lola_boundary_kernel_trains_with_the_ops_gradients(fused):
+    model = tiny_model(**LOLA_CHAT)
+    x = mx.random.normal((1, 30, TINY["hidden_size"]), key=mx.random.key(8))
+    attention = model.layers[0].self_attn
+    grads = []
+    for on in (True, False):
+        fused(on)
+        grads.append(mx.grad(lambda x: attention(x).square().sum())(x))
+    assert mx.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-4).item()
