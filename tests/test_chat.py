@@ -5,6 +5,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import pexpect
@@ -343,6 +344,19 @@ def spawn_chat(*args, env=None):
     return child
 
 
+def wait_until_reading_input(child, timeout=120):
+    """Until the chat's main thread blocks in readline's select() (Linux: its kernel wait channel),
+    however slow the machine; elsewhere a second."""
+    wchan = Path(f"/proc/{child.pid}/wchan")
+    if not wchan.exists():
+        time.sleep(1.0)
+        return
+    deadline = time.monotonic() + timeout
+    while not any(word in wchan.read_text() for word in ("poll", "select")):
+        assert time.monotonic() < deadline, f"the chat never waited for input (wchan {wchan.read_text()!r})"
+        time.sleep(0.02)
+
+
 def say(child, line):
     """Type a line; return what the program printed before its next prompt."""
     child.sendline(line)
@@ -404,9 +418,9 @@ def test_terminal_ctrl_c_stops_the_reply_and_keeps_the_chat(tiny):
         child.expect_exact(">>> ")
         tokens, _ = stats(child)
         assert tokens > 50
-    # At the prompt: a new prompt, the chat goes on. Wait until input() is waiting: CPython's
-    # readline checks signals only when its select() is interrupted, so an earlier ^C waits for a key.
-    time.sleep(1.0)
+    # At the prompt: a new prompt, the chat goes on. CPython's readline checks signals only when
+    # its select() is interrupted, so an earlier ^C waits for a key: wait until it is blocked there.
+    wait_until_reading_input(child)
     child.sendintr()
     child.expect_exact(">>> ")
     assert stats(child)[0] == tokens
