@@ -30,5 +30,5 @@ __device__ inline float simd_max(float x) {
 namespace metal {
 __device__ inline float exp(float x) { return expf(x); }
 __device__ inline float log(float x) { return logf(x); }
-__device__ inline float abs(float x) { return fabsf(x); }
+__device__ inline float fabs(float x) { return fabsf(x); }
 }  // namespace metal

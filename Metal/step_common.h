@@ -30,5 +30,5 @@ DEVICE_FN void softmax_row(X x, Out out, uint lane) {
 
 // log(sigmoid(x)) without overflow either side
 DEVICE_FN inline float log_sigmoid(float x) {
-  return min(x, 0.0f) - metal::log(1.0f + metal::exp(-metal::abs(x)));
+  return min(x, 0.0f) - metal::log(1.0f + metal::exp(-metal::fabs(x)));
 }
