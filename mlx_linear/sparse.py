@@ -20,7 +20,7 @@ import numpy as np
 
 from . import step_kernels
 from .fastmath import exp
-from .window import step_scores
+from .window import by_kv_head, step_scores
 
 
 def empty_state(B, H, Hkv, C, slots, d, F):
@@ -154,7 +154,7 @@ def step_ops(method, attention, q, k, v, rope, cache, state):
     top, both = mx.where(in_window, scores, -mx.inf).max(-1, keepdims=True), scores.max(-1, keepdims=True)
     exps = exp(scores - both)
     B, H = q.shape[:2]
-    exact_num = (exps @ values[:, :, None]).reshape(B, H, 1, -1)
+    exact_num = by_kv_head(exps, lambda x: x @ values).reshape(B, H, 1, -1)
     exact_den = exps.sum(-1).reshape(B, H, 1, 1)
     linear = (q_features @ state[0]) * exp(method.log_decay * r)
     weight, own = mx.sigmoid(method.window_logit), exp(top - both).reshape(B, H, 1, 1)

@@ -39,13 +39,21 @@ def masked_softmax(scores, mask):
     return exps / mass, mx.concatenate([mass, top], axis=-1)
 
 
+def by_kv_head(x, product):
+    """product(x) with x (B, Hkv, ...rows..., c) flattened to (B, Hkv, rows, c) and back: the
+    queries of a KV head against its few keys (sinks) as one matrix product, with no batch axis
+    broadcast (a GPU's batched-matmul path for those is where CUDA runs went wrong with sinks)."""
+    out = product(x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1]))
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 def step_scores(queries, keys, scale, spans=()):
     """Scores of one token's query rows (B, H, 1, P, d), each a rotation of its query, against
     keys (B, Hkv, N, d): key n is scored by row 0, or by the row of the span (row, start, end)
     holding it. (B, Hkv, H / Hkv, 1, N); all rows in one matmul, the picks fused elementwise."""
     B, H, _, P, d = queries.shape
     Hkv, N = keys.shape[1], keys.shape[2]
-    scores = (queries.reshape(B, Hkv, H // Hkv, P, d) * scale) @ keys[:, :, None].swapaxes(-1, -2)
+    scores = by_kv_head(queries.reshape(B, Hkv, H // Hkv, P, d) * scale, lambda x: x @ keys.swapaxes(-1, -2))
     picked = scores[..., :1, :]
     for row, start, end in spans:
         inside = mx.array((np.arange(N) >= start) & (np.arange(N) < end))  # a constant, not an op
@@ -59,13 +67,12 @@ def attention_step(queries, k, v, scale, num_sinks=0, with_mass=False):
     with `with_mass` the softmax's mass and max (B, H, 1, 2), else None)."""
     B, H = queries.shape[:2]
     scores = step_scores(queries, k, scale, [(1, 0, num_sinks)] if queries.shape[3] > 1 else [])
-    values = v[:, :, None]
     if not with_mass:
-        return (mx.softmax(scores, axis=-1).astype(v.dtype) @ values).reshape(B, H, 1, -1), None
+        return by_kv_head(mx.softmax(scores, axis=-1).astype(v.dtype), lambda x: x @ v).reshape(B, H, 1, -1), None
     top = scores.max(axis=-1, keepdims=True)
     exps = exp(scores - top)
     mass = exps.sum(axis=-1, keepdims=True)
-    out = (exps / mass).astype(v.dtype) @ values
+    out = by_kv_head((exps / mass).astype(v.dtype), lambda x: x @ v)
     return out.reshape(B, H, 1, -1), mx.concatenate([mass, top], axis=-1).reshape(B, H, 1, 2)
 
 
@@ -99,16 +106,16 @@ def sliding_window_attention(q, k, v, window, scale, sinks=None, first_position=
     scores = q_blocks @ pairs(k).swapaxes(-1, -2)
     mask = _block_mask(num_blocks, window, missing)
     if sinks is not None:
-        sink_k, sink_v = (x[:, :, None, None] for x in sinks)
+        sink_k, sink_v = sinks
+        S = sink_k.shape[-2]
         sink_queries = q_blocks if sink_q is None else blocked(sink_q)
-        scores = mx.concatenate([sink_queries @ sink_k.swapaxes(-1, -2), scores], axis=-1)
-        mask = mx.concatenate([_sink_mask(num_blocks, window, sink_k.shape[-2], first_position), mask], axis=-1)
+        scores = mx.concatenate([by_kv_head(sink_queries, lambda x: x @ sink_k.swapaxes(-1, -2)), scores], axis=-1)
+        mask = mx.concatenate([_sink_mask(num_blocks, window, S, first_position), mask], axis=-1)
     weights, mass = masked_softmax(scores, mask)
     weights = weights.astype(v.dtype)
     if sinks is None:
         out = weights @ pairs(v)
     else:
-        S = sink_v.shape[-2]
-        out = weights[..., :S] @ sink_v + weights[..., S:] @ pairs(v)
+        out = by_kv_head(weights[..., :S], lambda x: x @ sink_v) + weights[..., S:] @ pairs(v)
     out = out.reshape(B, H, num_blocks * window, dv)[:, :, :L]
     return (out, mass.reshape(B, H, num_blocks * window, 2)[:, :, :L]) if with_mass else out

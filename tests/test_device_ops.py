@@ -59,3 +59,13 @@ def test_slice_update_at_an_array_position():
     expected = as_np(ring).copy()
     expected[:, :, 3:4] = as_np(new)
     np.testing.assert_array_equal(as_np(got), expected)
+
+
+@pytest.mark.parametrize("rows", [2, 4])
+def test_query_rows_against_keys_broadcast_over_the_group(rows):
+    """(B, Hkv, R, P, d) @ (B, Hkv, 1, d, N): keys shared by a KV head's query heads as a stride-0
+    batch axis (the form this release's decode step folds into one matmul instead)."""
+    queries = mx.array(RNG.normal(size=(1, 3, 2, rows, 16)).astype(np.float32))
+    keys = mx.array(RNG.normal(size=(1, 3, 12, 16)).astype(np.float32))
+    got = queries @ keys[:, :, None].swapaxes(-1, -2)
+    np.testing.assert_allclose(as_np(got), as_np(queries) @ np.swapaxes(as_np(keys)[:, :, None], -1, -2), atol=1e-4)
