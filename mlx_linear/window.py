@@ -66,6 +66,8 @@ def attention_step(queries, k, v, scale, num_sinks=0, with_mass=False):
     queries (B, H, 1, P, d), row 1 (where P = 2) scoring the sinks. (output (B, H, 1, dv), and
     with `with_mass` the softmax's mass and max (B, H, 1, 2), else None)."""
     B, H = queries.shape[:2]
+    if queries.shape[3] == 1 and not with_mass:  # one kernel on a GPU (MLX's attention for one query)
+        return mx.fast.scaled_dot_product_attention(queries[..., 0, :], k, v, scale=scale), None
     scores = step_scores(queries, k, scale, [(1, 0, num_sinks)] if queries.shape[3] > 1 else [])
     if not with_mass:
         return by_kv_head(mx.softmax(scores, axis=-1).astype(v.dtype), lambda x: x @ v).reshape(B, H, 1, -1), None
