@@ -7,12 +7,13 @@ Llama-3.2-1B or Mistral-7B (bench/convert_memory.py's), bf16 on a GPU (float32 o
     python bench/shapes.py --shape 7b --quantize --train                # + QLoRA lora-train at 2,048
     python bench/shapes.py --shape tiny --contexts 256,1024 --batch-context 256   # a CPU trial in a minute
 
-Each (batch, context): the context prefilled in steps of --prefill-step (prefill tok/s), then
---decode-tokens greedy steps timed (decode tok/s; two first steps, which trace, left out), peak
-memory over both. Both models run the same loop (the model called on the cache, its states
-evaluated each step). With --train: lora-train's update (mlx_linear.train.Trainer) beside mlx-lm's
-LoRA trainer on the original, LoRA on q, k, v, sequence --seq-len, random tokens. Ratios and the
-issue's goals are printed and written to bench/results/shapes_<shape>.json.
+Each (batch, context): the context prefilled in steps of --prefill-step (prefill tok/s, one
+sequence; a batch decodes from copies of its cache), then --decode-tokens greedy steps timed
+(decode tok/s of all sequences; two first steps, which trace, left out), peak memory over both.
+Both models run the same loop (the model called on the cache, its states evaluated each step).
+With --train: lora-train's update (mlx_linear.train.Trainer) beside mlx-lm's LoRA trainer on the
+original, LoRA on q, k, v, sequence --seq-len, random tokens. Ratios and the issue's goals are
+printed and written to bench/results/shapes_<shape>.json.
 """
 
 import argparse
@@ -88,9 +89,25 @@ def linearized(config, recipe, original, dtype):
     return model
 
 
+def tiled(cache, batch):
+    """One sequence's cache copied for `batch` sequences: a batched decode's speed needs full
+    caches, not distinct ones (16 prefills of 16k tokens would cost the session its GPU time)."""
+    def tile(x):
+        return mx.repeat(x, batch, axis=0)
+
+    for layer in cache:
+        for part in getattr(layer, "caches", (layer,)):
+            if getattr(part, "keys", None) is not None:
+                part.keys, part.values = tile(part.keys), tile(part.values)
+            if hasattr(part, "cache"):
+                part.cache = [tile(x) for x in part.cache]
+    mx.eval([c.state for c in cache])
+    return cache
+
+
 def timed_run(model, batch, context, prefill_step, decode_tokens, vocab):
-    """Prefill `context` random tokens of `batch` sequences, then decode greedily."""
-    tokens = mx.random.randint(0, vocab, (batch, context), key=mx.random.key(context))
+    """Prefill `context` random tokens (one sequence, copied for `batch`), then decode greedily."""
+    tokens = mx.random.randint(0, vocab, (1, context), key=mx.random.key(context))
     cache = make_prompt_cache(model)
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -101,6 +118,8 @@ def timed_run(model, batch, context, prefill_step, decode_tokens, vocab):
     token = mx.argmax(logits[:, -1], axis=-1)
     mx.eval(token)
     prefill_s = time.perf_counter() - start
+    if batch > 1:
+        cache, token = tiled(cache, batch), mx.repeat(token, batch)
     times = []
     for _ in range(decode_tokens + 2):
         start = time.perf_counter()
@@ -108,7 +127,7 @@ def timed_run(model, batch, context, prefill_step, decode_tokens, vocab):
         mx.eval(token)
         times.append(time.perf_counter() - start)
     decode_s = float(np.median(times[2:]))
-    return {"batch": batch, "context": context, "prefill_tps": batch * context / prefill_s,
+    return {"batch": batch, "context": context, "prefill_tps": context / prefill_s,
             "decode_tps": batch / decode_s, "peak_gb": mx.get_peak_memory() / 1e9}
 
 
