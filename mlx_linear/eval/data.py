@@ -8,7 +8,7 @@ from ..errors import UserError
 from ..files import read_records
 
 ENV = "MLX_LINEAR_DATA"
-HINT = f"pass --data-dir DIR or set {ENV} (formats: README, Evaluation)"
+HINT = f"pass --data-dir DIR or set {ENV} (formats: docs/evaluation.md)"
 
 
 def data_dir(path=None):

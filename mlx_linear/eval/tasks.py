@@ -6,7 +6,7 @@ the per-document scores to metrics. Prompts and metrics follow lm-evaluation-har
 zero-shot task configs. Data comes from a local folder when it holds the task's `files`, else
 from the Hugging Face hub file lm-evaluation-harness reads (`hub`), cached after the first run.
 To add one, subclass MultipleChoice, LastWord or Perplexity and decorate it with
-@register_task (README, "Evaluation").
+@register_task (docs/evaluation.md).
 """
 
 import math
