@@ -14,6 +14,7 @@ from mlx_lm.models.cache import CacheList, KVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from mlx_linear.errors import UserError
+from mlx_linear.fastmath import on_cpu
 
 from .model import fingerprint
 from .state import load_state, save_state, state_path
@@ -21,7 +22,7 @@ from .state import load_state, save_state, state_path
 # Prompt tokens per prefill step: on the CPU the linear model's cost does not depend on it, and its
 # peak memory then stays the same for any prompt longer (mlx-lm's 2048 needs ~200 MB more). A GPU
 # pays a step's kernels per call (14.6 a token at 512 for Liger-GLA, 3.65 at 2,048): mlx-lm's 2,048.
-PREFILL_STEP = 512 if mx.default_device() == mx.cpu else 2048
+PREFILL_STEP = 512 if on_cpu() else 2048
 # Stands in for the turns of a loaded state, which this session never saw (see `load`).
 UNSEEN = "…"
 

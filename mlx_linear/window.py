@@ -71,11 +71,9 @@ def attention_step(queries, k, v, scale, num_sinks=0, with_mass=False):
     scores = step_scores(queries, k, scale, [(1, 0, num_sinks)] if queries.shape[3] > 1 else [])
     if not with_mass:
         return by_kv_head(mx.softmax(scores, axis=-1).astype(v.dtype), lambda x: x @ v).reshape(B, H, 1, -1), None
-    top = scores.max(axis=-1, keepdims=True)
-    exps = exp(scores - top)
-    mass = exps.sum(axis=-1, keepdims=True)
-    out = by_kv_head((exps / mass).astype(v.dtype), lambda x: x @ v)
-    return out.reshape(B, H, 1, -1), mx.concatenate([mass, top], axis=-1).reshape(B, H, 1, 2)
+    weights, mass = masked_softmax(scores, mx.array(True))  # every key of a full cache is visible
+    out = by_kv_head(weights.astype(v.dtype), lambda x: x @ v)
+    return out.reshape(B, H, 1, -1), mass.reshape(B, H, 1, 2)
 
 
 def sliding_window_attention(q, k, v, window, scale, sinks=None, first_position=0, sink_q=None, with_mass=False):
