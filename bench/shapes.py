@@ -190,6 +190,9 @@ def main():
     parser.add_argument("--tag", default="", help="appended to the results' name (e.g. fused)")
     args = parser.parse_args()
     config, recipes = SHAPES[args.shape], [r for r in args.recipes.split(",") if r]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        parser.error(f"--recipes: no recipe {unknown[0]!r}; give some of {', '.join(RECIPES)}")
     dtype = mx.float32 if mx.default_device() == mx.cpu else mx.bfloat16
     runs = [(1, int(c)) for c in args.contexts.split(",")] + ([(args.batch, args.batch_context)] if args.batch else [])
     original = original_model(config, dtype, args.quantize)
