@@ -10,8 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_lm.models.base import scaled_dot_product_attention
-from mlx_lm.models.cache import RotatingKVCache
-
+from .batch import BatchLinearCache
 from .decode import StepCache
 from .rotary import RotaryTables, Rotation
 from .window import attention_step, sliding_window_attention
@@ -35,14 +34,15 @@ def keep_last(cache):
 class Rope:
     """The layer's RoPE for one call: its tokens from the call's first position (`offset`), or from
     another (`at`); `fixed` puts every token at one position. `tables` (rotary.RotaryTables, or
-    None) serve the positions they hold; in the compiled decode step, `rotation` is the step's own."""
+    None) serve the positions they hold; in the compiled decode step, `rotation` is the step's own.
+    A batch's decode step has one position a row: (B, 1, 1, 1) arrays."""
 
     def __init__(self, rope, offset, tables=None, rotation=None):
         self.rope, self.offset, self.tables, self.rotation = rope, offset, tables, rotation
 
     def __call__(self, x, at=None):
         if at is None:
-            return self.rope(x, offset=self.offset) if self.rotation is None else self.rotation.rotate(x)
+            return self.rope(x, offset=per_row(self.offset)) if self.rotation is None else self.rotation.rotate(x)
         rows = self.table_rows(at, x.shape[-2])
         return self.rope(x, offset=at) if rows is None else rows.rotate(x)
 
@@ -64,9 +64,21 @@ class Rope:
         """One token's x (..., 1, d) at each of `positions` (None: the offset; else fixed, an int or
         a decode step's array): (..., 1, P, d), in one elementwise op where the tables serve."""
         if self.tables is None or (self.rotation is None and None in positions):
-            return mx.stack([self(x) if p is None else self.fixed(x, p) for p in positions], axis=-2)
-        rows = [self.rotation if p is None else self.tables.fixed[p] for p in positions]
-        return Rotation(mx.stack([r.multipliers for r in rows]), self.tables.traditional).rotate(x[..., None, :])
+            return mx.stack([self(x) if p is None else self.fixed(x, per_row(p)) for p in positions], axis=-2)
+        rows = [self.rotation if p is None else self.tables.fixed[p.reshape(-1, 1, 1) if is_per_row(p) else p] for p in positions]
+        multipliers = [r.multipliers for r in rows]
+        if len({m.shape for m in multipliers}) > 1:  # a batch's rows at their own positions
+            multipliers = mx.broadcast_arrays(*multipliers)
+        return Rotation(mx.stack(multipliers, axis=-3), self.tables.traditional).rotate(x[..., None, :])
+
+
+def is_per_row(position):
+    return isinstance(position, mx.array) and position.ndim > 0
+
+
+def per_row(position):
+    """A position as RoPE takes it: an int, a 0-d array, or one a row (B,)."""
+    return position.reshape(-1) if is_per_row(position) else position
 
 
 class LinearizedAttention(nn.Module):
@@ -108,7 +120,8 @@ class LinearizedAttention(nn.Module):
             return out
         if isinstance(cache, StepCache):
             return self.decode_step(x, cache)
-        B, L, _ = x.shape
+        if isinstance(cache, BatchLinearCache):
+            return self.batched(x, cache)
         q, k, v = self.project(x)
         state_cache, window_cache = cache if cache is not None else (None, None)
         offset = window_cache.offset if cache is not None else 0
@@ -117,21 +130,43 @@ class LinearizedAttention(nn.Module):
         if self.use_state and cache is None:
             linear, _ = self.method(q, k, v, rope)
         elif self.use_state:
-            linear, state_cache.cache = self.method(q, k, v, rope, state_cache.cache, state_cache.make_mask(L))
-            state_cache.advance(L)
+            linear, state_cache.cache = self.method(q, k, v, rope, state_cache.cache)
         rotated = rope(q)
         sink_q, q, k = self.sink_queries(q, rotated, offset, rope), rotated, rope(k)
-        if isinstance(window_cache, RotatingKVCache):
+        if window_cache is not None:
             k, v = window_cache.update_and_fetch(k, v)
             keep_last(window_cache)
-        if isinstance(window_cache, (RotatingKVCache, type(None))):
-            window, mass = self.window_attention(q, k, v, offset, sink_q)
-        else:  # mlx-lm's batch cache: left padding and rotation are in its mask, made before the update
-            mask = window_cache.make_mask(L, window_size=self.window)
-            k, v = window_cache.update_and_fetch(k, v)
-            window = scaled_dot_product_attention(q, k, v, cache=window_cache, scale=self.scale, mask=mask)
-            mass = None
+        window, mass = self.window_attention(q, k, v, offset, sink_q)
         return self.output(x, linear, window, mass)
+
+    def batched(self, x, cache):
+        """mlx-lm's batched generation (batch.BatchLinearCache): the rows whose window is full
+        take a decode step together; the others (prompts, windows still filling) one by one,
+        through the one-sequence path, so that each row is exactly its own sequence."""
+        B, L, _ = x.shape
+        tokens = cache.take(L)  # each row's tokens of the L (right padding after them)
+        together = [row for row in range(B) if L == 1 and tokens[row] and cache.steady(row)]
+        if len(together) == B:
+            return self.step_rows(x, cache, None)
+        out = mx.zeros_like(x)
+        if together:
+            index = mx.array(together)
+            out[index] = self.step_rows(x[index], cache, together)
+        for row in (row for row in range(B) if tokens[row] and row not in together):
+            single = cache.extract(row)
+            out[row : row + 1, : tokens[row]] = self(x[row : row + 1, : tokens[row]], cache=single)
+            cache.set_row(row, single)
+        return out
+
+    def step_rows(self, x, cache, rows):
+        """The decode step of a batch's `rows` (None: all), each at its own position."""
+        cache.start_steps(self.method, rows)
+        offset, slot = cache.positions(rows)
+        rotation = self.rotary.at(offset) if self.rotary is not None else None
+        step = StepCache(*cache.rows_of(rows), offset, slot, rotation)
+        out = self.decode_step(x, step)
+        cache.put_rows(rows, step.state, step.keys, step.values)
+        return out
 
     def output(self, x, linear, window, mass):
         """The mixed branches through the output projection."""

@@ -4,14 +4,17 @@ Once every window cache is full its shapes stop changing, so the step can take t
 arrays (scan states, ring buffers), the position and the ring buffer's write slot as inputs
 and return the new ones: traced once, it then runs without Python building the graph or
 MLX's small elementwise ops each running alone. Each attention's `decode_step` is the math;
-this module moves arrays between mlx-lm's cache objects and the compiled function. Caches
-it does not handle (batched, growing KV caches, a window not yet full) take the plain path.
+this module moves arrays between mlx-lm's cache objects and the compiled function. In a batch
+(batch.py) the position and slot are arrays of one per row. Caches it does not handle (growing
+KV caches, a window not yet full) take the plain path.
 """
 
 from functools import partial
 
 import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, CacheList, RotatingKVCache
+
+from .batch import BatchLinearCache
 
 
 class StepCache:
@@ -24,13 +27,22 @@ class StepCache:
         self.rotation, self.kind = rotation, kind
 
     def write(self, k, v):
-        self.keys = mx.slice_update(self.keys, k, self.slot, axes=(2,))
-        self.values = mx.slice_update(self.values, v, self.slot, axes=(2,))
+        self.keys, self.values = write_at(self.keys, k, self.slot), write_at(self.values, v, self.slot)
+
+
+def write_at(buffer, x, index):
+    """x (B, H, 1, d) written into buffer (B, H, N, d) at `index` on axis 2: one index (0-d) for
+    every row, or one a row ((B, 1, 1, 1): a batch of sequences at their own positions)."""
+    if index.ndim == 0:
+        return mx.slice_update(buffer, x.astype(buffer.dtype), index, axes=(2,))
+    return mx.where(mx.arange(buffer.shape[2])[:, None] == index, x.astype(buffer.dtype), buffer)
 
 
 def is_steady(layer_cache) -> bool:
-    """A plain (unbatched) linear layer's cache whose window is full and state started."""
-    if type(layer_cache) is not CacheList or len(layer_cache.caches) != 2:
+    """A linear layer's cache whose window is full and state started (in a batch: every row's)."""
+    if isinstance(layer_cache, BatchLinearCache):
+        return layer_cache.lengths is None and all(map(layer_cache.steady, range(len(layer_cache.offsets))))
+    if not isinstance(layer_cache, CacheList) or len(layer_cache.caches) != 2:
         return False
     state, window = layer_cache.caches
     return (
@@ -77,6 +89,8 @@ def run_step(model, tokens, offset, slot, arrays, kind=None):
 
 def decode(model, tokens, cache):
     """Run the compiled step on the caches' arrays and store what it returns back into them."""
+    if isinstance(cache[0], BatchLinearCache):
+        return decode_batch(model, tokens, cache)
     window = cache[0].caches[1]
     kind = step_kind(model, window.offset)
     if kind not in model._decode_steps:
@@ -90,4 +104,18 @@ def decode(model, tokens, cache):
         window.keys, window.values = keys, values
         window.offset += tokens.shape[1]
         window._idx = slot + 1
+    return logits
+
+
+def decode_batch(model, tokens, cache):
+    """The compiled step for mlx-lm's batches (batch.BatchLinearCache), each row at its own
+    position and ring slot; LoLA's block boundaries, at their own steps, are taken first."""
+    for layer, layer_cache in zip(model.layers, cache):
+        layer_cache.start_steps(layer.self_attn.method)
+    if "batch" not in model._decode_steps:
+        model._decode_steps["batch"] = step_function(model)
+    offset, slot = cache[0].positions()
+    logits, arrays = model._decode_steps["batch"](tokens, offset, slot, [c.rows_of(None) for c in cache])
+    for layer_cache, (state, keys, values) in zip(cache, arrays):
+        layer_cache.put_rows(None, state, keys, values)
     return logits

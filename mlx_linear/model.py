@@ -14,11 +14,12 @@ from typing import Any, Dict, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs, create_attention_mask
-from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, RotatingKVCache
+from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
 from mlx_lm.tuner.lora import LoRALinear
 
 from . import decode
 from .attention import LinearizedAttention
+from .batch import BatchLinearCache, LinearCache
 from .methods import get_method
 
 # HF model_type -> mlx-lm module providing its blocks.
@@ -131,6 +132,8 @@ class Model(nn.Module):
         # Flags the step reads as Python values when traced: other settings take the plain path.
         if not all(layer.self_attn.use_state and not layer.self_attn.use_softmax for layer in self.layers):
             return False
+        if isinstance(cache[0], BatchLinearCache):
+            return True
         windows = [c.caches[1] for c in cache]
         return len({(w.offset, w._idx) for w in windows}) == 1
 
@@ -164,8 +167,8 @@ class Model(nn.Module):
             return [KVCache() for _ in self.layers]
         lin = self.args.linearization
         return [
-            CacheList(ArraysCache(layer.self_attn.method.state_size),
-                      RotatingKVCache(max_size=lin.window + lin.sinks, keep=lin.sinks))
+            LinearCache(ArraysCache(layer.self_attn.method.state_size),
+                        RotatingKVCache(max_size=lin.window + lin.sinks, keep=lin.sinks))
             if linear
             else KVCache()
             for layer, linear in zip(self.layers, self.linear_layers)

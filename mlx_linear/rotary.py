@@ -87,6 +87,11 @@ class RotaryTables:
         mx.eval(self.fixed.multipliers, self.probe)
 
     def at(self, position):
-        """The rotation at `position` (an int or a 0-d array), as the module rotates one token there."""
+        """The rotation at `position` (an int or a 0-d array), as the module rotates one token there;
+        or at one position a sequence of a batch ((B, 1, 1, 1)): (B, 1, 1, 2, d) multipliers."""
+        if isinstance(position, mx.array) and position.ndim:
+            probes = mx.broadcast_to(self.probe, (position.size,) + self.probe.shape[1:])
+            rotated = self.rope(probes, offset=position.reshape(-1))[:, 0, 0]
+            return Rotation(multipliers(rotated, self.traditional)[:, None, None], self.traditional)
         rotated = self.rope(self.probe, offset=position)[0, 0, 0]
         return Rotation(multipliers(rotated, self.traditional), self.traditional)

@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import step_kernels
+from .decode import write_at
 from .fastmath import exp
 from .window import by_kv_head, step_scores
 
@@ -135,7 +136,7 @@ def step(method, attention, q, k, v, rope, cache):
     state's terms, then one softmax over the window's keys (sinks first), the pending block's and
     the cache's, each scored by its own rotation of the query, under LoLCATs' shared denominator
     (`combine`'s, folded). The buffer's first block is the pending one; the token goes to C + r."""
-    state = shift_blocks(method, cache.state, rope.offset) if cache.kind else cache.state  # a block's first token
+    state = method.start_step(cache.state, rope.offset) if cache.kind else cache.state  # a block's first token
     fused = step_kernels.lola_step(method, attention, q, k, v, rope, state, cache)  # one launch where a GPU kernel serves
     return fused if fused is not None else step_ops(method, attention, q, k, v, rope, cache, state)
 
@@ -146,7 +147,7 @@ def step_ops(method, attention, q, k, v, rope, cache, state):
     r = o % C
     cache.write(rope(k), v)
     q_features, k_features, _ = method.feature_maps(q, k, v, rope)
-    buffered = [mx.slice_update(old, new, C + r, axes=(2,)) for old, new in zip(state[1:4], (k, v.astype(mx.float32), k_features))]
+    buffered = [write_at(old, new, C + r) for old, new in zip(state[1:4], (k, v.astype(mx.float32), k_features))]
     keys, values, spans, visible = exact_keys(method, attention, rope, cache, buffered, state, o, r)
     queries = rope.rows(q, attention.step_positions() + [C + r, 2 * C])
     scores = mx.where(visible[:, :, None, None], step_scores(queries, keys, method.scale, spans), -mx.inf)
@@ -175,7 +176,8 @@ def exact_keys(method, attention, rope, cache, buffered, state, o, r):
     pending = (mx.array(column) <= r) & (o - r - C + mx.array(column.astype(np.float32)) >= method.sinks)
     whole_ring = mx.array(np.ones((1, 1, ring), dtype=bool))
     shape = kept_at.shape[:2]
-    visible = mx.concatenate([mx.broadcast_to(x, shape + x.shape[-1:]) for x in (whole_ring, pending[None, None], kept_at >= 0)], axis=-1)
+    pending = pending.reshape(-1, 1, C)  # one row for all, or one a sequence (a batch at its own positions)
+    visible = mx.concatenate([mx.broadcast_to(x, shape + x.shape[-1:]) for x in (whole_ring, pending, kept_at >= 0)], axis=-1)
     return keys, values, spans, visible
 
 

@@ -38,6 +38,11 @@ class LinearMethod(nn.Module):
         Python control flow differs (LoLA's block boundaries) are compiled apart."""
         return None
 
+    def start_step(self, state, offset):
+        """The state a step of a kind that changes it first (step_kind) starts from; `offset`:
+        its positions (B, 1, 1). A batch takes it apart for its rows at such a step."""
+        return state
+
     def step(self, attention, q, k, v, rope, cache):
         """One token of the compiled decode step: (the mixed output, the new state); it writes
         the token's key and value into `cache` (decode.StepCache), the window's ring buffer."""
@@ -77,12 +82,8 @@ class LinearMethod(nn.Module):
             return linear  # a linear branch alone: the (lazy) window branch is never computed
         return weight * linear + (1 - weight) * window
 
-    def __call__(self, q, k, v, rope, state=None, mask=None):
-        """(output, state): `state` is a list of `state_size` arrays (or Nones) for decode.
-        `mask` (B, L): False at left padding (batched generation), which neither writes nor decays."""
+    def __call__(self, q, k, v, rope, state=None):
+        """(output, state): `state` is a list of `state_size` arrays (or Nones) for decode."""
         q, k, v, log_gate = self.features(q, k, v, rope)
-        if mask is not None:
-            keep = mask[:, None, :, None]
-            k, log_gate = mx.where(keep, k, 0), mx.where(keep, log_gate, 0)
         output, *state = self.scan(q, k, v, log_gate, *(state or [None] * self.state_size))
         return self.readout(output), state

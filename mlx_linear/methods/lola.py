@@ -28,14 +28,17 @@ class LoLA(LoLCATs):
     def step_kind(self, offset):
         return offset % self.window == 0  # a block boundary (choosing the cache) is a step of its own
 
-    def __call__(self, q, k, v, rope, state=None, mask=None):
+    def __call__(self, q, k, v, rope, state=None):
         q_features, k_features, _ = self.feature_maps(q, k, v, rope)
         return sparse.forward(self, q, k, v, q_features, k_features, rope, state)
+
+    def start_step(self, state, offset):
+        return sparse.shift_blocks(self, state, offset)
 
     def step(self, attention, q, k, v, rope, cache):
         return sparse.step(self, attention, q, k, v, rope, cache)
 
     def mix(self, linear, window, window_mass=None):
         if window_mass is None:
-            raise ValueError("lola needs the window's softmax mass: batched generation is not supported")
+            raise ValueError("lola needs the window's softmax mass")
         return sparse.combine(linear, window, window_mass, mx.sigmoid(self.window_logit))

@@ -50,10 +50,8 @@ class LoLCATs(LinearMethod):
         q, k = (rope(q), rope(k)) if self.after_rope else (q, k)
         return hedgehog(q, self.q_map), hedgehog(k, self.k_map), v
 
-    def __call__(self, q, k, v, rope, state=None, mask=None):
+    def __call__(self, q, k, v, rope, state=None):
         q, k, v = self.feature_maps(q, k, v, rope)
-        if mask is not None:  # left padding never enters the state
-            k, v = (mx.where(mask[:, None, :, None], x, 0) for x in (k, v))
         B, H, L, _ = k.shape
         S, queued_k, queued_v = state if state and state[0] is not None else (
             None, mx.zeros((B, H, self.window, k.shape[-1])), mx.zeros((B, H, self.window, v.shape[-1])))
@@ -64,6 +62,6 @@ class LoLCATs(LinearMethod):
 
     def mix(self, linear, window, window_mass=None):
         if window_mass is None:
-            raise ValueError("lolcats needs the window's softmax mass: batched generation is not supported")
+            raise ValueError("lolcats needs the window's softmax mass")
         weight = mx.sigmoid(self.window_logit) * window_mass[..., :1]
         return (weight * window + linear[..., :-1]) / (weight + linear[..., -1:])
