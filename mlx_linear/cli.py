@@ -20,6 +20,7 @@ COMMANDS = {
              "Zero-shot tasks and perplexity, scored like lm-evaluation-harness; with --baseline, side by side."),
     "chat": ("mlx_linear.chat.cli:chat", "Chat in the terminal; the conversation lives in the model's constant-size state."),
     "generate": ("mlx_linear.chat.cli:generate", "Generate one reply, streamed to stdout; speed and memory go to stderr."),
+    "serve": ("mlx_linear.chat.serve:serve", "Serve the chat's model over HTTP with OpenAI's API (mlx_lm.server), requests batched."),
 }
 
 
