@@ -57,3 +57,37 @@ def matmul_rate(n=2048, repeats=3) -> float:
     a = mx.random.normal((n, n))
     mx.eval(a)
     return 2 * n**3 / median_seconds(lambda: mx.eval(a @ a), repeats)
+
+
+def prefilled(model, tokens, prefill_step):
+    """(cache, the next token (1,), seconds): `tokens` (1, L) through the model in steps."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    start = time.perf_counter()
+    for i in range(0, tokens.shape[1], prefill_step):
+        logits = model(tokens[:, i : i + prefill_step], cache=cache)
+        mx.eval([c.state for c in cache])
+    token = mx.argmax(logits[:, -1], axis=-1)
+    mx.eval(token)
+    return cache, token, time.perf_counter() - start
+
+
+def batch_of(cache, batch):
+    """One sequence's cache as `batch` rows of mlx-lm's batch caches (`merge`: what BatchGenerator
+    and mlx_lm.server decode with). Copies: a batched decode's speed needs full caches, not
+    distinct ones (16 prefills of 16k tokens would cost a CPU bench its hour, a GPU its minutes)."""
+    rows = [c.merge([c] * batch) for c in cache]
+    mx.eval([c.state for c in rows])
+    return rows
+
+
+def decode_seconds(model, cache, token, steps):
+    """The median seconds of a greedy decode step of every row of `cache` (two steps warm up)."""
+    times = []
+    for _ in range(steps + 2):
+        start = time.perf_counter()
+        token = mx.argmax(model(token[:, None], cache=cache)[:, -1], axis=-1)
+        mx.eval(token)
+        times.append(time.perf_counter() - start)
+    return sorted(times[2:])[len(times[2:]) // 2]

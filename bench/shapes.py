@@ -8,7 +8,7 @@ Llama-3.2-1B or Mistral-7B (bench/convert_memory.py's), bf16 on a GPU (float32 o
     python bench/shapes.py --shape tiny --contexts 256,1024 --batch-context 256   # a CPU trial in a minute
 
 Each (batch, context): the context prefilled in steps of --prefill-step (prefill tok/s, one
-sequence; a batch decodes from copies of its cache), then --decode-tokens greedy steps timed
+sequence; a batch decodes from copies of its cache in mlx-lm's batch caches, as mlx_lm.server does), then --decode-tokens greedy steps timed
 (decode tok/s of all sequences; two first steps, which trace, left out), peak memory over both.
 Both models run the same loop (the model called on the cache, its states evaluated each step).
 With --train: lora-train's update (mlx_linear.train.Trainer) beside mlx-lm's LoRA trainer on the
@@ -18,15 +18,13 @@ printed and written to bench/results/shapes_<shape>.json.
 
 import argparse
 import json
-import time
 
-from common import write_json  # noqa: F401  (loads the BLAS before mlx)
+from common import batch_of, decode_seconds, prefilled, write_json  # noqa: F401  (loads the BLAS before mlx)
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
-from mlx_lm.models.cache import make_prompt_cache
 
 from convert_memory import SHAPES
 from mlx_linear.chat.model import CONVERSION_FILE, bundled_adapter
@@ -89,44 +87,16 @@ def linearized(config, recipe, original, dtype):
     return model
 
 
-def tiled(cache, batch):
-    """One sequence's cache copied for `batch` sequences: a batched decode's speed needs full
-    caches, not distinct ones (16 prefills of 16k tokens would cost the session its GPU time)."""
-    def tile(x):
-        return mx.repeat(x, batch, axis=0)
-
-    for layer in cache:
-        for part in getattr(layer, "caches", (layer,)):
-            if getattr(part, "keys", None) is not None:
-                part.keys, part.values = tile(part.keys), tile(part.values)
-            if hasattr(part, "cache"):
-                part.cache = [tile(x) for x in part.cache]
-    mx.eval([c.state for c in cache])
-    return cache
-
-
 def timed_run(model, batch, context, prefill_step, decode_tokens, vocab):
-    """Prefill `context` random tokens (one sequence, copied for `batch`), then decode greedily."""
+    """Prefill `context` random tokens (one sequence; a batch decodes from copies of its cache,
+    common.batch_of), then decode greedily."""
     tokens = mx.random.randint(0, vocab, (1, context), key=mx.random.key(context))
-    cache = make_prompt_cache(model)
     mx.clear_cache()
     mx.reset_peak_memory()
-    start = time.perf_counter()
-    for i in range(0, context, prefill_step):
-        logits = model(tokens[:, i : i + prefill_step], cache=cache)
-        mx.eval([c.state for c in cache])
-    token = mx.argmax(logits[:, -1], axis=-1)
-    mx.eval(token)
-    prefill_s = time.perf_counter() - start
+    cache, token, prefill_s = prefilled(model, tokens, prefill_step)
     if batch > 1:
-        cache, token = tiled(cache, batch), mx.repeat(token, batch)
-    times = []
-    for _ in range(decode_tokens + 2):
-        start = time.perf_counter()
-        token = mx.argmax(model(token[:, None], cache=cache)[:, -1], axis=-1)
-        mx.eval(token)
-        times.append(time.perf_counter() - start)
-    decode_s = float(np.median(times[2:]))
+        cache, token = batch_of(cache, batch), mx.repeat(token, batch)
+    decode_s = decode_seconds(model, cache, token, decode_tokens)
     return {"batch": batch, "context": context, "prefill_tps": context / prefill_s,
             "decode_tps": batch / decode_s, "peak_gb": mx.get_peak_memory() / 1e9}
 
