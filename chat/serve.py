@@ -8,11 +8,13 @@ prefills only its new tokens. A state cannot be rewound, so a conversation whose
 (an edited message) is prefilled again from the longest prefix still kept (its system prompt).
 """
 
+import socket
 import sys
 
 import click
 
 from mlx_linear.cli import log
+from mlx_linear.errors import UserError
 
 from .cli import model_options
 
@@ -29,26 +31,35 @@ def serve(model, adapter, keep_quantized, host, port, max_tokens, server_options
     option goes after the others, e.g. `--decode-concurrency 8`."""
     import mlx_lm.server as server
 
-    from .model import load_chat_model
+    serve_http = server.run
+
+    def run(host, port, provider):  # main() parsed the server's options: bad ones exit before any loading
+        check_port(host, port)
+        from .model import load_chat_model
+
+        loaded, tokenizer, name = load_chat_model(model, adapter, log=log, dequantize=False if keep_quantized else "auto")
+        provider.model, provider.tokenizer, provider.model_key, provider.is_batchable = loaded, tokenizer, (name, None, None), True
+        provider.load = lambda *names: (loaded, tokenizer)  # whatever model a request names (OpenAI clients send one)
+        log(f"serving {name} at http://{host}:{port}/v1 (OpenAI's API); Ctrl-C stops")
+        serve_http(host, port, provider)
+
     from .session import PREFILL_STEP
 
-    loaded, tokenizer, name = load_chat_model(model, adapter, log=log, dequantize=False if keep_quantized else "auto")
-    argv = ["--model", name, "--host", host, "--port", str(port), "--max-tokens", str(max_tokens),
-            "--prefill-step-size", str(PREFILL_STEP), *server_options]
-    provider_class = server.ModelProvider
-
-    class OneModel(provider_class):
-        """The model loaded above, whatever model name a request gives (OpenAI clients send one)."""
-
-        def load(self, model_path, adapter_path=None, draft_model_path=None):
-            if self.model is None:
-                self.model, self.tokenizer, self.model_key, self.is_batchable = loaded, tokenizer, (name, None, None), True
-            return self.model, self.tokenizer
-
-    # mlx_lm.server's main() parses its options and builds its provider: this one, for its run.
-    server.ModelProvider, sys.argv = OneModel, ["mlx_linear serve", *argv]
-    log(f"serving {name} at http://{host}:{port}/v1 (OpenAI's API); Ctrl-C stops")
+    server.run, sys.argv = run, ["mlx_linear serve", "--host", host, "--port", str(port), "--max-tokens", str(max_tokens),
+                                 "--prefill-step-size", str(PREFILL_STEP), *server_options]
     try:
         server.main()
     finally:
-        server.ModelProvider = provider_class
+        server.run = serve_http
+
+
+def check_port(host, port):
+    """A one-line error, before the model loads, where the address is taken (else mlx-lm's
+    server fails once its generation thread has started, and never exits)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): pass another --port, or stop what uses it") from e

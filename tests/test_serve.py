@@ -241,3 +241,19 @@ def test_mlx_lm_server_on_the_chat_default_model(bundled, tmp_path):
         check_real_conversations(server, replies, tolerance=0.05)
     finally:
         server.close()
+
+
+def test_serve_refuses_a_taken_port_and_unknown_options(lola_folder):
+    """Both fail at once with one line naming the problem, and exit (a server that failed to bind
+    after its generation thread started would never exit)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "mlx_linear", "serve", "--model", str(lola_folder), "--port", str(port)],
+                             capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert run.stderr.strip().splitlines()[-1].startswith(f"Error: cannot listen on 127.0.0.1:{port}")
+    run = subprocess.run([sys.executable, "-m", "mlx_linear", "serve", "--model", str(lola_folder), "--no-such-option"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "unrecognized arguments: --no-such-option" in run.stderr
