@@ -41,7 +41,9 @@ def serve(model, adapter, keep_quantized, host, port, max_tokens, server_options
         provider.model, provider.tokenizer, provider.model_key, provider.is_batchable = loaded, tokenizer, (name, None, None), True
         provider.load = lambda *names: (loaded, tokenizer)  # whatever model a request names (OpenAI clients send one)
         log(f"serving {name} at http://{host}:{port}/v1 (OpenAI's API); Ctrl-C stops")
-        serve_http(host, port, provider)
+        # run()'s body, for its handler: mlx-lm 0.32's run() does not pass on a handler_class.
+        generator = server.ResponseGenerator(provider, server.LRUPromptCache(provider.cli_args.prompt_cache_size))
+        server._run_http_server(host, port, generator, handler_class=refusing_empty_prompts(server.APIHandler))
 
     from .session import PREFILL_STEP
 
@@ -51,6 +53,21 @@ def serve(model, adapter, keep_quantized, host, port, max_tokens, server_options
         server.main()
     finally:
         server.run = serve_http
+
+
+def refusing_empty_prompts(handler):
+    """mlx-lm's request handler, answering 400 to a request with nothing to prompt the model with:
+    mlx-lm's generation thread raises on an empty prompt, and that thread serves every request."""
+
+    class Handler(handler):
+        def validate_model_parameters(self):
+            super().validate_model_parameters()
+            if self.path == "/v1/completions" and not self.body.get("prompt"):
+                raise ValueError("the prompt is empty: give some text to complete")
+            if self.path.endswith("/chat/completions") and not self.body.get("messages"):
+                raise ValueError("messages is empty: give at least one message")
+
+    return Handler
 
 
 def check_port(host, port):

@@ -157,6 +157,9 @@ def test_mlx_linear_serve(linear_server, alone):
 def test_bad_requests_get_errors_and_the_server_keeps_serving(linear_server, alone):
     status, _ = linear_server.post(b'{"messages": [{"role": "user", "content": "unterminated')
     assert status == 400
+    # Nothing to prompt with: stock mlx-lm's generation thread dies of it (and every later request).
+    assert linear_server.post({"prompt": ""}, path="/v1/completions")[0] == 400
+    assert linear_server.post({"messages": []})[0] == 400
     # A client that leaves mid-stream: the connection closes after the first chunk.
     body = json.dumps({"messages": [{"role": "user", "content": "stream it"}], "stream": True, "max_tokens": 200}).encode()
     with socket.create_connection(("127.0.0.1", linear_server.port)) as s:
