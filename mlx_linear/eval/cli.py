@@ -26,6 +26,18 @@ def parse_limits(values):
     return limit, per_task
 
 
+def parse_lengths(value):
+    """`--lengths 1k,4k,8192` -> (1024, 4096, 8192): tokens, k = 1024 (as in acc@1k)."""
+    lengths = []
+    for part in value.split(","):
+        part = part.strip().lower()
+        digits = part.removesuffix("k")
+        if not digits.isdigit() or int(digits) < 1:
+            raise UserError(f"--lengths {value}: expected token counts like 1k,4k or 1024,4096")
+        lengths.append(int(digits) * (1024 if part.endswith("k") else 1))
+    return tuple(sorted(set(lengths)))
+
+
 def run(label, folder, adapter, options, verbose, use_state=True):
     import mlx_linear
 
@@ -56,6 +68,8 @@ def run(label, folder, adapter, options, verbose, use_state=True):
 @click.option("--limit", multiple=True, help="Documents per task: N, or TASK=N for one task (repeatable). [all]")
 @click.option("--data-dir", type=click.Path(file_okay=False),
               help="Local data folder [$MLX_LINEAR_DATA; else the Hugging Face hub, cached].")
+@click.option("--lengths", help="Prompt lengths in tokens of passkey and the RULER tasks, comma-separated, "
+              "e.g. 1k,4k,8192. [each task's own]")
 @click.option("--window", default=1024, show_default=True, type=click.IntRange(2), help="Perplexity window (tokens).")
 @click.option("--stride", type=click.IntRange(1), help="Perplexity stride (< window: overlapping windows). [window]")
 @click.option("--scoring", default="batched", show_default=True, type=click.Choice(MODES),
@@ -64,8 +78,8 @@ def run(label, folder, adapter, options, verbose, use_state=True):
               help="Also run --model with its recurrent state off (the window branch alone): what the state adds.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--verbose", is_flag=True, help="Per-task documents, tokens and speed on stderr.")
-def eval_command(model_path, baseline, adapter, baseline_adapter, tasks, limit, data_dir, window, stride, scoring,
-                 no_state, output, verbose):
+def eval_command(model_path, baseline, adapter, baseline_adapter, tasks, limit, data_dir, lengths, window, stride,
+                 scoring, no_state, output, verbose):
     """Zero-shot tasks and perplexity, scored like lm-evaluation-harness; with --baseline, side by side."""
     from ..output_checks import check_writable, disk_full_error
     from .report import RECOVERY_NOTE, STATE_NOTE, compare, markdown_table, state_share, state_table
@@ -82,9 +96,10 @@ def eval_command(model_path, baseline, adapter, baseline_adapter, tasks, limit, 
         raise UserError(f"--limit {unknown[0]}=...: {unknown[0]} is not in --tasks")
     if stride is not None and stride > window:
         raise UserError(f"--stride {stride} is larger than --window {window}: use a stride <= window")
-    resolve_tasks(names, data_dir)  # unknown tasks and missing data fail before any model loads
+    lengths = parse_lengths(lengths) if lengths else None
+    resolve_tasks(names, data_dir, lengths)  # unknown tasks and missing data fail before any model loads
     options = dict(tasks=names, limit=limit, task_limits=per_task, data_dir=data_dir, window=window, stride=stride,
-                   mode=scoring)
+                   mode=scoring, lengths=lengths)
     start = time.perf_counter()
     results = {"model": run("model", model_path, adapter, options, verbose)}
     if no_state:

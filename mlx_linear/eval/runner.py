@@ -10,7 +10,7 @@ from ..progress import Progress
 
 from .data import data_dir as resolve_data_dir
 from .scoring import Scorer
-from .tasks import get_task
+from .tasks import TASKS, Retrieval, get_task
 
 DEFAULT_TASKS = ("piqa", "arc_easy", "hellaswag", "lambada", "wikitext2")
 
@@ -23,14 +23,26 @@ class TaskResult:
     seconds: float
 
 
-def resolve_tasks(names, data_dir=None):
+def resolve_tasks(names, data_dir=None, lengths=None):
     """The Task objects and the local data folder (None: the hub), checked (the hub's files
-    fetched) before any model runs."""
+    fetched) before any model runs; `lengths` (tokens) replaces the prompt lengths of the tasks
+    that have them (passkey, RULER's)."""
     root = resolve_data_dir(data_dir)
     tasks = [get_task(n) for n in names]
+    if lengths:
+        set_lengths(tasks, lengths)
     for task in tasks:
         task.check(root)
     return tasks, root
+
+
+def set_lengths(tasks, lengths):
+    retrieval = [t for t in tasks if isinstance(t, Retrieval)]
+    if not retrieval:
+        names = sorted(name for name, cls in TASKS.items() if issubclass(cls, Retrieval))
+        raise UserError(f"--lengths: no task in --tasks has prompt lengths (those that do: {', '.join(names)})")
+    for task in retrieval:
+        task.lengths = tuple(lengths)
 
 
 def run_task(task, scorer, root, limit=None, desc=None, progress=True) -> TaskResult:
@@ -58,9 +70,10 @@ def run_task(task, scorer, root, limit=None, desc=None, progress=True) -> TaskRe
 
 
 def run_tasks(model, tokenizer, tasks=DEFAULT_TASKS, limit=None, task_limits=None, data_dir=None, window=1024,
-              stride=None, mode="batched", label="", progress=True) -> dict:
-    """{task name: TaskResult}; `task_limits` ({name: n}) overrides `limit` (documents per task)."""
-    task_objects, root = resolve_tasks(tasks, data_dir)
+              stride=None, mode="batched", lengths=None, label="", progress=True) -> dict:
+    """{task name: TaskResult}; `task_limits` ({name: n}) overrides `limit` (documents per task);
+    `lengths` (tokens) those of the retrieval tasks' prompts."""
+    task_objects, root = resolve_tasks(tasks, data_dir, lengths)
     scorer = Scorer(model, tokenizer, mode=mode, window=window, stride=stride)
     limits = task_limits or {}
     training = model.training
@@ -78,7 +91,7 @@ def evaluate(model, tokenizer, tasks=DEFAULT_TASKS, limit=None, data_dir=None, *
     """{task: {metric: value}}, e.g. {"piqa": {"acc": .., "acc_norm": ..}, "wikitext2": {"ppl": ..}}.
 
     Works on any model in memory (a converted folder's, or one being trained); options as
-    in `run_tasks` (task_limits, window, stride, mode, label, progress).
+    in `run_tasks` (task_limits, window, stride, mode, lengths, label, progress).
     """
     results = run_tasks(model, tokenizer, tasks, limit, data_dir=data_dir, **options)
     return {name: r.metrics for name, r in results.items()}

@@ -5,8 +5,8 @@ A task lists its data files, reads its documents, scores one document with a Sco
 the per-document scores to metrics. Prompts and metrics follow lm-evaluation-harness's
 zero-shot task configs. Data comes from a local folder when it holds the task's `files`, else
 from the Hugging Face hub file lm-evaluation-harness reads (`hub`), cached after the first run.
-To add one, subclass MultipleChoice, LastWord or Perplexity and decorate it with
-@register_task (docs/evaluation.md).
+To add one, subclass MultipleChoice, LastWord, Perplexity or Retrieval and decorate it with
+@register_task (docs/evaluation.md); RULER's synthetic tasks are in ruler.py.
 """
 
 import math
@@ -41,7 +41,10 @@ def bucket_label(low, high):
 
 
 def get_task(name):
-    return TASKS.lookup(name)()
+    """A task by name; `name:option` hands the task an option (`niah_multikey:wikitext2`: its haystack)."""
+    base, colon, option = name.partition(":")
+    task = TASKS.lookup(base)()
+    return task.with_option(option) if colon else task
 
 
 def argmax(values):
@@ -59,6 +62,10 @@ class Task:
     hub = None  # HubFile read when the folder (or none) lacks `files`
     metrics = ()  # reported, in this order
     primary = None  # the metric a benchmark average takes; None: not averaged
+
+    def with_option(self, option):
+        """The task given `name:option`; most tasks take none."""
+        raise UserError(f"{self.name}:{option}: {self.name} takes no option after ':'")
 
     def is_local(self, root):
         """The folder holds the task's files (a task that reads none, e.g. synthetic, needs no folder)."""
@@ -389,8 +396,31 @@ class HeldOutText(Perplexity):
         return "\n\n".join(r["text"] for r in load_source(root / self.files[0]).valid)
 
 
+# RULER's noise haystack; Passkey's filler, and the default haystack of the tasks in ruler.py.
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+
+class Retrieval(Task):
+    """Synthetic retrieval at several prompt lengths (tokens): a document is {context, answer,
+    length}; acc = greedy decoding after the context gives exactly the answer, overall and per
+    length (`acc@1k`, ...). `lengths` is a class attribute that `--lengths` overrides."""
+
+    lengths = ()
+    metrics = ("acc",)
+
+    def process(self, scorer, doc):
+        [(_, greedy)] = scorer.loglikelihoods([(doc["context"], doc["answer"])])
+        return {"acc": float(greedy), "length": doc["length"]}
+
+    def aggregate(self, scores):
+        metrics = {"acc": mean(s["acc"] for s in scores)}
+        for length in sorted({s["length"] for s in scores}):
+            metrics[f"acc@{tokens_label(length)}"] = mean(s["acc"] for s in scores if s["length"] == length)
+        return metrics
+
+
 @register_task
-class Passkey(Task):
+class Passkey(Retrieval):
     """Retrieval beyond the window: a 5-digit pass key hidden in filler at several depths of a
     prompt of 512-4k tokens, asked for at the end; acc = greedy decoding gives exactly the key.
     The needle always lies further back than the 64-token window. Synthetic: needs no data."""
@@ -398,9 +428,8 @@ class Passkey(Task):
     name = "passkey"
     lengths = (512, 1024, 2048, 4096)
     depths = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75)
-    metrics = ("acc",)
     intro = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it.\n"
-    filler = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+    filler = FILLER
     needle = " The pass key is {key}. Remember it. {key} is the pass key."
     question = "\nWhat is the pass key? The pass key is"
 
@@ -413,16 +442,4 @@ class Passkey(Task):
                 key, before = str(rng.randrange(10000, 100000)), round(depth * repeats[length])
                 context = (self.intro + self.filler * before + self.needle.format(key=key)
                            + self.filler * (repeats[length] - before) + self.question)
-                yield {"context": context, "key": key, "length": length}
-
-    def process(self, scorer, doc):
-        [(_, greedy)] = scorer.loglikelihoods([(doc["context"], " " + doc["key"])])
-        return {"acc": float(greedy), "length": doc["length"]}
-
-    def aggregate(self, scores):
-        metrics = {"acc": mean(s["acc"] for s in scores)}
-        for length in self.lengths:
-            hits = [s["acc"] for s in scores if s["length"] == length]
-            if hits:
-                metrics[f"acc@{tokens_label(length)}"] = mean(hits)
-        return metrics
+                yield {"context": context, "key": key, "answer": " " + key, "length": length}
