@@ -26,9 +26,10 @@ from .cli import model_options
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1), help="Per reply, unless a request says.")
 @click.argument("server_options", nargs=-1, type=click.UNPROCESSED)
 def serve(model, adapter, keep_quantized, host, port, max_tokens, server_options):
-    """Serve the model over HTTP with OpenAI's API (mlx_lm.server): /v1/chat/completions,
-    /v1/completions. Requests sample greedily unless they say otherwise. Any other mlx_lm.server
-    option goes after the others, e.g. `--decode-concurrency 8`."""
+    """Serve the chat's model over HTTP with OpenAI's API (mlx_lm.server), requests batched.
+
+    /v1/chat/completions and /v1/completions; requests sample greedily unless they say otherwise.
+    Any other mlx_lm.server option goes after the others, e.g. `--decode-concurrency 8`."""
     import mlx_lm.server as server
 
     serve_http = server.run
