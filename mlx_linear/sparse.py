@@ -44,15 +44,20 @@ def recall_error(features, values, S):
     return error.reshape(B, Hkv, -1, N).sum(2)
 
 
-def boundary(S, cache, block, start, sinks, log_decay, horizon=0):
+def boundary(S, cache, block, start, sinks, log_decay, horizon=0, age_decay=0.0):
     """The boundary of the block that starts at position `start`: the cache and the block two
     back (all of it out of the window now) are ranked, the `slots` worst recalled stay in the
     cache, the rest enter S, which is then the state of keys up to start - C, as of start - C.
-    With a `horizon`, keys more than that many positions back leave the cache whatever their rank."""
+    With a `horizon`, keys more than that many positions back leave the cache whatever their rank;
+    with an `age_decay` (< 0, per token), a key's score is its error decayed by its age, so that
+    only a key the state recalls far worse than the new ones stays long."""
     keys, values, features, positions = (mx.concatenate(pair, axis=2) for pair in zip(cache, block))
     slots, C, groups = cache[0].shape[2], block[0].shape[2], features.shape[1] // keys.shape[1]
     eligible = (positions >= sinks) & ((positions >= start - horizon) if horizon else True)
-    score = mx.where(eligible, mx.stop_gradient(recall_error(features, values, S)), -mx.inf)
+    error = mx.stop_gradient(recall_error(features, values, S))
+    if age_decay:
+        error = error * exp(age_decay * (start - positions))
+    score = mx.where(eligible, error, -mx.inf)
     order = mx.argsort(-score, axis=-1)  # stable: of equal scores (repeated tokens) the older stays
     keep = mx.sort(order[..., :slots], axis=-1)  # the cache stays in the order of positions
     stays = mx.take_along_axis(eligible, keep, axis=-1)
@@ -104,8 +109,9 @@ def forward(method, q, k, v, q_features, k_features, rope, state=None):
     for b in range(o // C, (o + L - 1) // C + 1):  # each query block reads the state and cache of its boundary
         if b * C >= o:  # that boundary lies in this chunk: block b - 2 has left the window
             block, start = [x[:, :, b - 1 - last_seen] for x in line], mx.array(b * C)
-            S, kept = (step_kernels.lola_boundary(boundary, S, kept, block, start, method.sinks, method.log_decay, method.horizon)
-                       or compiled_boundary(S, kept, block, start, method.sinks, method.log_decay, method.horizon))
+            fused = None if method.age_decay else step_kernels.lola_boundary(
+                boundary, S, kept, block, start, method.sinks, method.log_decay, method.horizon)  # the kernel ranks by error alone
+            S, kept = fused or compiled_boundary(S, kept, block, start, method.sinks, method.log_decay, method.horizon, method.age_decay)
         read.append((S, *kept))
     S_read, kept_k, kept_v, _, kept_at = (mx.stack(x, axis=2) if len(read) > 1 else x[0][:, :, None] for x in zip(*read))
     front, pending = o % C, slice(o // C - last_seen, -1)  # pending: the block before each query block
@@ -126,7 +132,7 @@ def shift_blocks(method, state, o):
     C, (B, Hkv) = method.window, state[1].shape[:2]
     positions = mx.broadcast_to(o - 2 * C + mx.array(np.arange(C, dtype=np.float32)), (B, Hkv, C))
     block = [x[:, :, :C] for x in state[1:4]] + [positions]
-    S, kept = boundary(state[0], tuple(state[4:]), block, o, method.sinks, method.log_decay, method.horizon)
+    S, kept = boundary(state[0], tuple(state[4:]), block, o, method.sinks, method.log_decay, method.horizon, method.age_decay)
     shifted = [mx.pad(x[:, :, C:], [(0, 0), (0, 0), (0, C)] + [(0, 0)] * (x.ndim - 3)) for x in state[1:4]]
     return [S, *shifted, *kept]
 

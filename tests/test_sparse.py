@@ -26,7 +26,7 @@ def distinct_tokens(batch, length, seed=1):
     return mx.stack([mx.random.permutation(TINY["vocab_size"])[:length] for _ in range(batch)])
 
 
-def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True, horizon=2048):
+def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True, horizon=2048, cache_half_life=0.0):
     """Token by token. At the start of block b (t = bC, C = W) the cache and the keys of block
     b - 2 (sinks aside) are ranked by || phi(k) S / phi(k) z - v ||^2 summed over the query heads
     of their KV head, S and z as they were; the `slots` largest stay (equal scores: the older),
@@ -34,7 +34,7 @@ def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True, horizon=2
     Query t = bC + r reads exactly: the window and sinks, block b - 1's keys up to t - W (their
     true positions), the cache (scored 2W positions back); and the state, each key decayed by
     2^(-(t - W - s) / half_life). Keys more than `horizon` back at a boundary join the state
-    (horizon 0: none)."""
+    (horizon 0: none). With `cache_half_life`, a key's error is ranked times 2^(-(t - s) / it)."""
     B, L, _ = x.shape
     H, Hkv, m, W = attn.n_heads, attn.n_kv_heads, attn.method, WINDOW
     R = H // Hkv
@@ -72,7 +72,8 @@ def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True, horizon=2
                             total += ((guess - v[b, j, s]) ** 2).sum().item()
                         return total
 
-                    ranked = sorted(candidates, key=lambda s: (-error(s), s))
+                    aged = (lambda s: 0.5 ** ((t - s) / cache_half_life)) if cache_half_life else (lambda s: 1.0)
+                    ranked = sorted(candidates, key=lambda s: (-error(s) * aged(s), s))
                     cache = sorted(ranked[:slots])
                     state += expired + ranked[slots:] + list(range(max(0, t - 2 * W), min(sinks, t - W)))  # sinks too
                 block_start = t - t % W
@@ -104,7 +105,8 @@ def layer_input(attn, length, batch=2, seed=3):
     return mx.random.normal((batch, length, TINY["hidden_size"]))
 
 
-@pytest.mark.parametrize("options", [{}, {"half_life": 6.0, "after_rope": False}, {"horizon": 20}, {"horizon": 0}])
+@pytest.mark.parametrize("options", [{}, {"half_life": 6.0, "after_rope": False}, {"horizon": 20}, {"horizon": 0},
+                                     {"horizon": 0, "cache_half_life": 10.0}])
 @pytest.mark.parametrize("slots,sinks", [(3, 0), (2, 2), (12, 1)])
 def test_follows_the_reference(slots, sinks, options):
     """41 tokens (five boundaries; the cache full, then keys moving between it and the state)."""
@@ -129,7 +131,8 @@ def test_gradients_follow_the_reference():
         assert mx.allclose(ours[name], theirs[name], atol=1e-4, rtol=1e-3).item(), name
 
 
-@pytest.mark.parametrize("sinks,options", [(0, {}), (2, {"half_life": 6.0, "after_rope": False})])
+@pytest.mark.parametrize("sinks,options", [(0, {}), (2, {"half_life": 6.0, "after_rope": False}),
+                                           (1, {"horizon": 0, "cache_half_life": 10.0})])
 def test_prefill_pieces_then_decode_equals_full_forward(sinks, options):
     model = sparse_model(3, sinks, **options)
     tokens = distinct_tokens(2, 60)
