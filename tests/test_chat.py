@@ -3,6 +3,7 @@
 import gc
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -339,6 +340,7 @@ def spawn_chat(*args, env=None):
         codec_errors="replace",
         timeout=120,
         dimensions=(50, 1000),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal starts it (a job in the background ignores ^C)
     )
     child.expect_exact(">>> ")
     return child
