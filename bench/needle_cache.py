@@ -1,0 +1,126 @@
+"""Where does LoLA's passkey retrieval fail: does the needle leave the sparse cache, or is it in
+the cache and not read? For each cache rule (LoLA options over the chat's conversion, the same
+adapter), each passkey document (the eval task's own, at --lengths) is prefilled, the key decoded
+greedily, and the share of the needle's key tokens in each layer's cache (over KV heads) read
+when the question has been read. The original (mlx-lm, full attention) answers the same prompts.
+
+    python bench/needle_cache.py --lengths 4096
+    python bench/needle_cache.py --lengths 2048,4096 --rules "shipped;no horizon:horizon=0;every key kept:horizon=0,slots=4096"
+
+A rule is `name:option=value,...` (LoLA's slots, horizon, cache_half_life); `shipped` alone is
+the chat's conversion as it is. `--adapter`: another LoLCATs/LoLA adapter with its conversion.json.
+Writes bench/results/needle_cache.json.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import write_json  # noqa: E402  (loads the BLAS before mlx)
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+
+import mlx_linear  # noqa: E402
+from mlx_linear.chat.model import bundled_adapter  # noqa: E402
+from mlx_linear.convert import bundled_model  # noqa: E402
+from mlx_linear.eval.tasks import Passkey  # noqa: E402
+from mlx_linear.progress import Progress  # noqa: E402
+
+RULES = "shipped;no horizon:horizon=0;every key kept:horizon=0,slots=4096"
+
+
+def parse_rules(text):
+    """[(name, {option: number})] from 'name:opt=v,opt=v;name2...'."""
+    rules = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, options = part.partition(":")
+        rules.append((name, {k: float(v) if "." in v else int(v) for k, v in (o.split("=") for o in options.split(",") if o)}))
+    return rules
+
+
+class Encoder:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, text):
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+def greedy(model, tokens, steps):
+    """The greedy continuation of `tokens` (ids) and the cache after the prompt's last token."""
+    cache = make_prompt_cache(model)
+    logits = model(mx.array(tokens)[None], cache=cache)
+    mx.eval(logits, [c.state for c in cache])
+    after_prompt = [[np.array(x) for x in c.caches[0].cache] if hasattr(c, "caches") else None for c in cache]
+    out = []
+    for _ in range(steps):
+        out.append(logits[0, -1].argmax().item())
+        logits = model(mx.array([[out[-1]]]), cache=cache)
+    return out, after_prompt
+
+
+def needle_share(states, spots):
+    """Per layer, the share of (needle token, KV head) pairs whose key is in LoLA's cache."""
+    shares = []
+    for state in states:
+        positions = state[-1][0]  # (Hkv, slots); -1: an empty slot
+        shares.append(float(np.mean([[p in set(head.astype(int)) for p in spots] for head in positions])))
+    return shares
+
+
+def run(model, tokenizer, documents, label):
+    encoder, rows = Encoder(tokenizer), []
+    progress = Progress(len(documents), "doc", label)
+    for doc in documents:
+        tokens, key = encoder.encode(doc["context"]), encoder.encode(doc["answer"])
+        spots = [i + j for i in range(len(tokens) - len(key)) if tokens[i : i + len(key)] == key for j in range(len(key))]
+        answer, states = greedy(model, tokens, len(key))
+        row = {"length": doc["length"], "needle_at": spots[0] if spots else None, "found": answer == key}
+        if states[0] is not None:
+            row["in_cache"] = needle_share(states, spots)
+        rows.append(row)
+        progress.update(1)
+    progress.close()
+    return rows
+
+
+def summary(rows):
+    found = sum(r["found"] for r in rows)
+    text = f"{found}/{len(rows)}"
+    if "in_cache" in rows[0]:
+        text += f" (needle in cache {np.mean([np.mean(r['in_cache']) for r in rows]):.0%})"
+    return text
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="4096", help="prompt lengths in tokens, comma-separated")
+    parser.add_argument("--rules", default=RULES)
+    parser.add_argument("--adapter", help="adapter folder with its conversion.json [the chat's]")
+    parser.add_argument("--name", default="needle_cache")
+    args = parser.parse_args()
+    adapter = args.adapter or bundled_adapter()
+    conversion = json.loads(Path(adapter, "conversion.json").read_text())
+    task = Passkey()
+    task.lengths = tuple(int(n) for n in args.lengths.split(","))
+    result = {"adapter": str(adapter), "conversion": conversion, "lengths": task.lengths, "rules": {}}
+    original, tokenizer = mlx_linear.load(bundled_model("none"))
+    documents = list(task.documents(None, Encoder(tokenizer)))
+    result["original"] = run(original, tokenizer, documents, "original")
+    for name, options in parse_rules(args.rules):
+        folder = bundled_model(**{**conversion, "options": {**conversion.get("options", {}), **options}})
+        model, tokenizer = mlx_linear.load(folder, adapter_path=adapter, fuse_adapter=True)
+        result["rules"][name] = {"options": options, "documents": run(model, tokenizer, documents, name)}
+    print("| rule | " + " | ".join(f"{n} tokens" for n in task.lengths) + " |\n|---|" + "---|" * len(task.lengths))
+    by_length = lambda rows, n: [r for r in rows if r["length"] == n]  # noqa: E731
+    for name, rows in [("original (mlx-lm)", result["original"])] + [(k, v["documents"]) for k, v in result["rules"].items()]:
+        print(f"| {name} | " + " | ".join(summary(by_length(rows, n)) for n in task.lengths) + " |")
+    print(f"wrote {write_json(args.name, result)}")
+
+
+if __name__ == "__main__":
+    main()
