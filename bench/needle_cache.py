@@ -26,8 +26,12 @@ import numpy as np  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 import mlx_linear  # noqa: E402
-from mlx_linear.chat.model import bundled_adapter  # noqa: E402
+from mlx_linear.chat.model import CONVERSION_FILE, bundled_adapter  # noqa: E402
 from mlx_linear.convert import bundled_model  # noqa: E402
+from mlx_linear.convert.cli import parse_options  # noqa: E402
+from mlx_linear.eval.cli import parse_lengths  # noqa: E402
+from mlx_linear.eval.scoring import Scorer, encode_pair  # noqa: E402
+from mlx_linear.errors import UserError  # noqa: E402
 from mlx_linear.eval.tasks import Passkey  # noqa: E402
 from mlx_linear.progress import Progress  # noqa: E402
 
@@ -35,20 +39,12 @@ RULES = "shipped;no horizon:horizon=0;every key kept:horizon=0,slots=4096"
 
 
 def parse_rules(text):
-    """[(name, {option: number})] from 'name:opt=v,opt=v;name2...'."""
+    """[(name, {option: value})] from 'name:opt=v,opt=v;name2...', values as `convert` reads them."""
     rules = []
     for part in filter(None, (p.strip() for p in text.split(";"))):
         name, _, options = part.partition(":")
-        rules.append((name, {k: float(v) if "." in v else int(v) for k, v in (o.split("=") for o in options.split(",") if o)}))
+        rules.append((name, parse_options([o for o in options.split(",") if o])))
     return rules
-
-
-class Encoder:
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def encode(self, text):
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
 
 def greedy(model, tokens, steps):
@@ -57,10 +53,9 @@ def greedy(model, tokens, steps):
     logits = model(mx.array(tokens)[None], cache=cache)
     mx.eval(logits, [c.state for c in cache])
     after_prompt = [[np.array(x) for x in c.caches[0].cache] if hasattr(c, "caches") else None for c in cache]
-    out = []
-    for _ in range(steps):
-        out.append(logits[0, -1].argmax().item())
-        logits = model(mx.array([[out[-1]]]), cache=cache)
+    out = [logits[0, -1].argmax().item()]
+    while len(out) < steps:
+        out.append(model(mx.array([[out[-1]]]), cache=cache)[0, -1].argmax().item())
     return out, after_prompt
 
 
@@ -69,15 +64,14 @@ def needle_share(states, spots):
     shares = []
     for state in states:
         positions = state[-1][0]  # (Hkv, slots); -1: an empty slot
-        shares.append(float(np.mean([[p in set(head.astype(int)) for p in spots] for head in positions])))
+        shares.append(float(np.mean([np.isin(spots, head) for head in positions])))
     return shares
 
 
 def run(model, tokenizer, documents, label):
-    encoder, rows = Encoder(tokenizer), []
-    progress = Progress(len(documents), "doc", label)
+    rows, progress = [], Progress(len(documents), "doc", label)
     for doc in documents:
-        tokens, key = encoder.encode(doc["context"]), encoder.encode(doc["answer"])
+        tokens, key = encode_pair(tokenizer, doc["context"], doc["answer"])  # as the eval scores it
         spots = [i + j for i in range(len(tokens) - len(key)) if tokens[i : i + len(key)] == key for j in range(len(key))]
         answer, states = greedy(model, tokens, len(key))
         row = {"length": doc["length"], "needle_at": spots[0] if spots else None, "found": answer == key}
@@ -97,23 +91,37 @@ def summary(rows):
     return text
 
 
+def converted_rules(args):
+    """(adapter, its conversion, {rule: (options, converted folder)}), every rule converted up
+    front, so a bad option or adapter fails at once, in one line."""
+    adapter = Path(args.adapter or bundled_adapter())
+    conversion_file = adapter / CONVERSION_FILE
+    if not conversion_file.is_file():
+        raise UserError(f"--adapter {adapter}: no {CONVERSION_FILE} there; give an adapter folder that has one (the chat's does)")
+    conversion = json.loads(conversion_file.read_text())
+    rules = {name: (options, bundled_model(**{**conversion, "options": {**conversion.get("options", {}), **options}}))
+             for name, options in parse_rules(args.rules)}
+    return adapter, conversion, rules
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", default="4096", help="prompt lengths in tokens, comma-separated")
+    parser.add_argument("--lengths", default="4096", help="prompt lengths in tokens, e.g. 2k,4096")
     parser.add_argument("--rules", default=RULES)
     parser.add_argument("--adapter", help="adapter folder with its conversion.json [the chat's]")
     parser.add_argument("--name", default="needle_cache")
     args = parser.parse_args()
-    adapter = args.adapter or bundled_adapter()
-    conversion = json.loads(Path(adapter, "conversion.json").read_text())
     task = Passkey()
-    task.lengths = tuple(int(n) for n in args.lengths.split(","))
+    try:
+        task.lengths = parse_lengths(args.lengths)
+        adapter, conversion, rules = converted_rules(args)
+    except UserError as error:
+        parser.error(str(error))
     result = {"adapter": str(adapter), "conversion": conversion, "lengths": task.lengths, "rules": {}}
     original, tokenizer = mlx_linear.load(bundled_model("none"))
-    documents = list(task.documents(None, Encoder(tokenizer)))
+    documents = list(task.documents(None, Scorer(original, tokenizer)))
     result["original"] = run(original, tokenizer, documents, "original")
-    for name, options in parse_rules(args.rules):
-        folder = bundled_model(**{**conversion, "options": {**conversion.get("options", {}), **options}})
+    for name, (options, folder) in rules.items():
         model, tokenizer = mlx_linear.load(folder, adapter_path=adapter, fuse_adapter=True)
         result["rules"][name] = {"options": options, "documents": run(model, tokenizer, documents, name)}
     print("| rule | " + " | ".join(f"{n} tokens" for n in task.lengths) + " |\n|---|" + "---|" * len(task.lengths))
