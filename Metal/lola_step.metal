@@ -3,9 +3,10 @@
 //   features phi(x) = [softmax(x W), softmax(-x W)] per query head (of the rotated x with AFTER_ROPE);
 //   the state's terms phi(q) [S, z] decayed by 2^(r log_decay); one softmax over the ring buffer
 //   (sinks first, scored from the sinks' horizon), the pending block's keys (c <= r, past the sinks,
-//   scored from C + r) and the cache's (from 2C), under LoLCATs' shared denominator:
+//   scored from C + r) and the cache's (slot j at position j SPAN / SLOTS, read from 2C + SPAN), under
+//   LoLCATs' shared denominator:
 //   y = (w sum e^(s - M) v + e^(top - M) num) / (w sum e^(s - M) + e^(top - M) den), top the ring's max.
-// RoPE: `rot` at the token's position, `table` at fixed positions (rows 0 .. 2C + sinks).
+// RoPE: `rot` at the token's position, `table` at fixed positions (rows 0 .. 2C + SPAN at least).
 // Writes the ring buffer and the block buffer (raw key, value, key features at C + r) anew.
 // One threadgroup per (batch, KV head); launch: grid (32, NSG, B * HKV), threadgroup (32, NSG, 1).
 uint lane = thread_index_in_simdgroup;
@@ -20,7 +21,7 @@ threadgroup float k_rot[Dk], v_row[Dk], k_in[Dk];
 threadgroup float q_rows[R * 4 * Dk], q_in[R * Dk], q_feat[R * F], k_feat[R * F];
 threadgroup float linear[R * (Dk + 1)], scores[R * T], own[R], totals[R];
 
-// 1. The token's key and value; the query's rotations (step, sinks' horizon, C + r, 2C), scaled.
+// 1. The token's key and value; the query's rotations (step, sinks' horizon, C + r, 2C + SPAN), scaled.
 auto k_ = k + size_t(n) * Dk;
 auto v_ = v + size_t(n) * Dk;
 if (sg == 0) {
@@ -32,7 +33,7 @@ if (sg == 0) {
 }
 for (int r = sg; r < R; r += NSG) {
   auto q_ = q + (size_t(n) * R + r) * Dk;
-  int rows[4] = {0, N - 1, C + r_, 2 * C};
+  int rows[4] = {0, N - 1, C + r_, 2 * C + SPAN};
   for (int i = lane; i < Dk; i += 32) {
     for (int p = 0; p < 4; ++p) {
       q_rows[(r * 4 + p) * Dk + i] = rotated<Dk, TRADITIONAL>(q_, p == 0 ? rot : table + rows[p] * 2 * Dk, 0, i) * scale[0];
@@ -105,7 +106,8 @@ for (int m = sg; m < T; m += NSG) {
   } else {
     int j = m - N - C;
     row = cache_positions[size_t(n) * SLOTS + j] >= 0 ? 3 : -1;
-    for (int u = 0, i = lane; i < Dk; ++u, i += 32) key[u] = cache_keys[(size_t(n) * SLOTS + j) * Dk + i];
+    auto raw = cache_keys + (size_t(n) * SLOTS + j) * Dk;
+    for (int u = 0, i = lane; i < Dk; ++u, i += 32) key[u] = rotated<Dk, TRADITIONAL>(raw, table + (j * SPAN / SLOTS) * 2 * Dk, 0, i);
   }
   for (int r = 0; r < R; ++r) {
     float part = 0.0f;

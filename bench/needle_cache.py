@@ -5,7 +5,7 @@ greedily, and the share of the needle's key tokens in each layer's cache (over K
 when the question has been read. The original (mlx-lm, full attention) answers the same prompts.
 
     python bench/needle_cache.py --lengths 4096
-    python bench/needle_cache.py --lengths 2048,4096 --rules "shipped;no horizon:horizon=0;every key kept:horizon=0,slots=4096"
+    python bench/needle_cache.py --lengths 2048 --rules "shipped;from one distance:cache_span=0"
 
 A rule is `name:option=value,...` (LoLA's slots, horizon, cache_half_life) over the adapter's
 conversion.json; a name alone is that conversion as it is. `--adapter`: another LoLCATs/LoLA
@@ -35,7 +35,7 @@ from mlx_linear.errors import UserError  # noqa: E402
 from mlx_linear.eval.tasks import Passkey  # noqa: E402
 from mlx_linear.progress import Progress  # noqa: E402
 
-RULES = "shipped;no horizon:horizon=0;every key kept:horizon=0,slots=4096"
+RULES = "shipped;no horizon:horizon=0;every key kept:horizon=0,slots=4096,cache_span=4096"
 
 
 def parse_rules(text):

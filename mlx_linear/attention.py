@@ -60,6 +60,14 @@ class Rope:
             return self.tables.fixed[at].rotate(x)
         return self.rope(x[..., None, :], offset=at)[..., 0, :]
 
+    def along(self, x, positions):
+        """x (..., P, d), its row p rotated at positions[p] (P ints, numpy)."""
+        if self.tables is not None:
+            return self.tables.along(positions).rotate(x)
+        moved = mx.moveaxis(x, -2, 0)  # RoPE takes one offset per batch row
+        rotated = self.rope(moved.reshape(moved.shape[0], -1, 1, x.shape[-1]), offset=mx.array(positions))
+        return mx.moveaxis(rotated.reshape(moved.shape), 0, -2)
+
     def rows(self, x, positions):
         """One token's x (..., 1, d) at each of `positions` (None: the offset; else fixed, an int or
         a decode step's array): (..., 1, P, d), in one elementwise op where the tables serve."""
@@ -94,9 +102,9 @@ class LinearizedAttention(nn.Module):
         self.window = window
         self.sinks = sinks
         head_dim = self.q_proj.weight.shape[0] // self.n_heads
-        # The fixed positions read: the sinks' horizon, and LoLA's block rows (0..2 x window).
-        self.rotary = RotaryTables.of(self.rope, head_dim, 2 * window + sinks + 1)
         self.method = method(self, **options)  # it reads the geometry above: heads, dims, window
+        # The fixed positions read: the sinks' horizon, and the method's (LoLA's block and cache rows).
+        self.rotary = RotaryTables.of(self.rope, head_dim, max(2 * window + sinks + 1, self.method.fixed_rows))
         # The pretrained forward, run on these same weights when softmax attention is wanted.
         self.softmax_forward = type(attention).__call__
         self.use_softmax = False

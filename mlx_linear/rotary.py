@@ -85,6 +85,16 @@ class RotaryTables:
         rotated = self.rope(mx.broadcast_to(self.probe, (size, 1, 1, head_dim)), offset=mx.arange(size))
         self.fixed = Rotation(multipliers(rotated[:, 0, 0], self.traditional), self.traditional)
         mx.eval(self.fixed.multipliers, self.probe)
+        self.gathered = {}
+
+    def along(self, positions):
+        """The rotation of rows at fixed `positions` (ints, numpy), gathered once: a constant of a
+        compiled step, not a gather each token."""
+        key = positions.tobytes()
+        if key not in self.gathered:
+            self.gathered[key] = self.fixed[mx.array(positions)]
+            mx.eval(self.gathered[key].multipliers)
+        return self.gathered[key]
 
     def at(self, position):
         """The rotation at `position` (an int or a 0-d array), as the module rotates one token there;

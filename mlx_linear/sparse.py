@@ -7,9 +7,13 @@ are ranked by their self-recall error against the state, || phi(k) S / phi(k) z 
 over the query heads of its KV head): the `slots` worst stay in the cache, the rest enter S and
 z. So a query of block b sees exactly the sinks and its window (the window branch), the keys of
 block b - 1 that left the window, and the cache chosen at b's boundary; everything else through
-the state, decayed from when the key left the window. Cache keys are scored as if they lay
-2 x window positions back whatever their age (as sinks are), so no query is ever further from
-them than it was trained for. Sinks go to the state, never to the cache.
+the state, decayed from when the key left the window. The cache is kept in the order of
+positions, filled from its last slot back, and read as a compact past just beyond the pending
+block, whatever its keys' ages (StreamingLLM's positions within the cache): slot j lies at
+position j span / slots of `span` (LoLA's cache_span), the query reads it from 2C + span. So no
+query is further from a key than 2C + span, and a needle's tokens keep their order among other
+old keys (read all from one distance, as before, they drown in them).
+Sinks go to the state, never to the cache.
 
 State per layer: S (z its last column); the last two blocks' raw keys, values and features;
 the cache's raw keys, values, features and positions (-1: an empty slot).
@@ -155,7 +159,7 @@ def step_ops(method, attention, q, k, v, rope, cache, state):
     q_features, k_features, _ = method.feature_maps(q, k, v, rope)
     buffered = [write_at(old, new, C + r) for old, new in zip(state[1:4], (k, v.astype(mx.float32), k_features))]
     keys, values, spans, visible = exact_keys(method, attention, rope, cache, buffered, state, o, r)
-    queries = rope.rows(q, attention.step_positions() + [C + r, 2 * C])
+    queries = rope.rows(q, attention.step_positions() + [C + r, method.fixed_rows - 1])
     scores = mx.where(visible[:, :, None, None], step_scores(queries, keys, method.scale, spans), -mx.inf)
     in_window = mx.array(np.arange(keys.shape[2]) < cache.keys.shape[2])
     top, both = mx.where(in_window, scores, -mx.inf).max(-1, keepdims=True), scores.max(-1, keepdims=True)
@@ -174,7 +178,7 @@ def exact_keys(method, attention, rope, cache, buffered, state, o, r):
     block (rotated to its rows) and the cache; the query row that scores each span; and which
     keys are visible (the pending block's up to row r, past the sinks; the cache's filled slots)."""
     C, ring, kept_at = method.window, cache.keys.shape[2], state[7]
-    keys = mx.concatenate([cache.keys.astype(mx.float32), rope(buffered[0][:, :, :C], 0), state[4]], axis=2)
+    keys = mx.concatenate([cache.keys.astype(mx.float32), rope(buffered[0][:, :, :C], 0), rope.along(state[4], method.slot_rows)], axis=2)
     values = mx.concatenate([cache.values.astype(mx.float32), buffered[1][:, :, :C], state[5]], axis=2)
     rows = len(attention.step_positions())
     spans = ([(1, 0, method.sinks)] if method.sinks else []) + [(rows, ring, ring + C), (rows + 1, ring + C, keys.shape[2])]
@@ -193,17 +197,18 @@ def read_terms(method, rope, q, q_features, S, pending, kept, rows, by_block, ne
     and positions per query block; the pending keys lie from position 0, the queries from `near_offset`."""
     linear = (by_block(q_features) @ S) * exp(method.log_decay * rows)[:, None]
     near_q = by_block(rope(q, near_offset))  # so that q.k sees their true distance
-    far_q = by_block(rope(q[..., None, :], 2 * method.window)[..., 0, :])
+    far_q = by_block(rope(q[..., None, :], method.fixed_rows - 1)[..., 0, :])
     keys = rope(pending[0].reshape(*pending[0].shape[:2], -1, pending[0].shape[-1]), 0).reshape(pending[0].shape)
-    exact = exact_terms(near_q, far_q, rows, (keys, *pending[1:]), kept, method.sinks, method.scale)
+    kept_keys = rope.along(kept[0], method.slot_rows)
+    exact = exact_terms(near_q, far_q, rows, (keys, *pending[1:]), (kept_keys, *kept[1:]), method.sinks, method.scale)
     return mx.concatenate([linear, *exact], axis=-1)
 
 
 def exact_terms(near_q, far_q, rows, pending, kept, sinks, scale):
     """Per query block (B, H, n, R, d), its rows' places in the block `rows` (R,):
     sum(exp(s - m) v), sum(exp(s - m)) and m over the keys of the block before that left the
-    window (`pending`, from their true distance) and the cache (`kept`, from 2C), m their
-    largest score. Each: keys, values (B, Hkv, n, N, d), positions (B, Hkv, n, N)."""
+    window (`pending`, from their true distance) and the cache (`kept`, rotated to their slots,
+    read by `far_q`), m their largest score. Each: keys, values (B, Hkv, n, N, d), positions (B, Hkv, n, N)."""
     B, H, n, R, d = near_q.shape
     Hkv, C = pending[0].shape[1], pending[0].shape[3]
     by_group = lambda x: x.reshape(B, Hkv, H // Hkv, n, R, d) * scale  # noqa: E731

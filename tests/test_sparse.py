@@ -26,13 +26,14 @@ def distinct_tokens(batch, length, seed=1):
     return mx.stack([mx.random.permutation(TINY["vocab_size"])[:length] for _ in range(batch)])
 
 
-def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True, horizon=2048, cache_half_life=0.0):
+def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True, horizon=2048, cache_half_life=0.0, cache_span=64):
     """Token by token. At the start of block b (t = bC, C = W) the cache and the keys of block
     b - 2 (sinks aside) are ranked by || phi(k) S / phi(k) z - v ||^2 summed over the query heads
     of their KV head, S and z as they were; the `slots` largest stay (equal scores: the older),
     the rest (and the block's sinks) join the state.
     Query t = bC + r reads exactly: the window and sinks, block b - 1's keys up to t - W (their
-    true positions), the cache (scored 2W positions back); and the state, each key decayed by
+    true positions), the cache (filled from its last slot back, in the order of positions, slot j
+    at position j * cache_span // slots, scored from 2W + cache_span); and the state, each key decayed by
     2^(-(t - W - s) / half_life). Keys more than `horizon` back at a boundary join the state
     (horizon 0: none). With `cache_half_life`, a key's error is ranked times 2^(-(t - s) / it)."""
     B, L, _ = x.shape
@@ -40,7 +41,8 @@ def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True, horizon=2
     R = H // Hkv
     q, k, v = attn.project(x)
     qr, kr = attn.rope(q), attn.rope(k)
-    far_q = attn.rope(q[..., None, :], offset=2 * W)[..., 0, :]
+    far_q = attn.rope(q[..., None, :], offset=2 * W + cache_span)[..., 0, :]
+    at_slot = lambda key, j: attn.rope(key[None, None, None], offset=j)[0, 0, 0]  # noqa: E731
 
     def phi(x, w):
         y = x @ w
@@ -86,7 +88,8 @@ def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True, horizon=2
                     top = (mx.stack(window) * scale).max()
                     terms = [(mx.exp(s * scale - top), u) for s, u in zip(window, old_sinks + recent)]
                     terms += [(mx.exp((qr[b, h, t] * kr[b, j, u]).sum() * scale - top), u) for u in pending]
-                    terms += [(mx.exp((far_q[b, h, t] * k[b, j, u]).sum() * scale - top), u) for u in cache]
+                    slot = {u: (slots - len(cache) + i) * cache_span // slots for i, u in enumerate(cache)}
+                    terms += [(mx.exp((far_q[b, h, t] * at_slot(k[b, j, u], slot[u])).sum() * scale - top), u) for u in cache]
                     num = sum(g[h] * e * v[b, j, u] for e, u in terms)
                     den = sum(g[h] * e for e, _ in terms)
                     for u in state:
@@ -106,13 +109,22 @@ def layer_input(attn, length, batch=2, seed=3):
 
 
 @pytest.mark.parametrize("options", [{}, {"half_life": 6.0, "after_rope": False}, {"horizon": 20}, {"horizon": 0},
-                                     {"horizon": 0, "cache_half_life": 10.0}])
+                                     {"horizon": 0, "cache_half_life": 10.0}, {"cache_span": 0}, {"horizon": 0, "cache_span": 7}])
 @pytest.mark.parametrize("slots,sinks", [(3, 0), (2, 2), (12, 1)])
 def test_follows_the_reference(slots, sinks, options):
     """41 tokens (five boundaries; the cache full, then keys moving between it and the state)."""
     attn = sparse_model(slots, sinks, **options).layers[0].self_attn
     x = layer_input(attn, 41)
     assert mx.allclose(attn(x), reference(attn, x, slots, sinks, **options), atol=1e-4).item()
+
+
+def test_follows_the_reference_without_rotary_tables():
+    """A RoPE that the tables do not serve (partial rotary, dynamic scaling) is called itself:
+    the cache's slots each at their own position too."""
+    attn = sparse_model(12, 1, cache_span=7).layers[0].self_attn
+    attn.rotary = None
+    x = layer_input(attn, 41)
+    assert mx.allclose(attn(x), reference(attn, x, 12, 1, cache_span=7), atol=1e-4).item()
 
 
 def test_gradients_follow_the_reference():
@@ -159,7 +171,7 @@ def test_the_cache_holds_what_the_state_recalls_worst():
     filler = mx.tile(layer_input(attn, 4, batch=1, seed=5), (1, 12, 1))  # four inputs, repeated
     needle = 3.0 * layer_input(attn, 1, batch=1, seed=6)
     x = mx.concatenate([filler[:, :10], needle, filler[:, 10:]], axis=1)
-    _, state = attn.method(*attn.project(x), attn.rope)
+    _, state = attn.method(*attn.project(x), Rope(attn.rope, 0))
     positions = state[-1][0]  # (Hkv, slots)
     assert all(10 in row for row in positions.tolist())
     for wrong in (0, -1, 2.5):
@@ -192,7 +204,7 @@ def test_compiled_decode_takes_every_step_boundaries_included(monkeypatch):
 
 def test_no_absolute_position_is_read():
     """With position-free maps (after_rope=false) and no decay, a chunk's output and new state
-    depend on its position only through the block phase: the cache is read from a fixed distance,
+    depend on its position only through the block phase: the cache is read from fixed positions,
     the pending keys from their true one. So 10,000 positions later (past the tiny models' 4,096
     trained ones) the same state and tokens give the same terms."""
     attn = sparse_model(3, after_rope=False).layers[0].self_attn

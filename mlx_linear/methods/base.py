@@ -22,6 +22,7 @@ class LinearMethod(nn.Module):
     linear_weight: float = 0.5  # the linear branch's share of the output (Liger's equal mix)
     state_size: int = 1  # arrays in the method's decode state (the scan's state first)
     needs_window_mass = False  # mix() gets the window's sum(exp(score - max)) and max per query
+    fixed_rows = 0  # the RoPE rows at fixed positions the method reads (0 .. fixed_rows - 1)
 
     def __init__(self, attention: nn.Module):
         super().__init__()

@@ -2,8 +2,9 @@
 the window, the `slots` per KV head that the linear state recalls worst (by self-recall error,
 || phi(k) S / phi(k) z - v ||^2) are kept exact and attended beside the window, under LoLCATs'
 shared denominator; the rest enter S and z as before. The cache has a fixed size, so memory is
-still constant; a key more than `horizon` tokens back leaves it for the state (else, read from a
-fixed distance, stale keys pile up in long streams), and with `cache_half_life` a key's rank
+still constant. The cache is read in the order of positions, as a compact past just beyond the
+window; a key more than `horizon` tokens back leaves it for the state (else stale keys, read as
+recent ones, pile up in long streams), and with `cache_half_life` a key's rank
 decays with its age, so that only a key far worse recalled than the new ones stays long. It is
 an inference-time change: a LoLCATs adapter loads as it is (the same parameters), and LoLCATs'
 options apply. The math, its state and its blocks are in sparse.py.
@@ -12,6 +13,7 @@ options apply. The math, its state and its blocks are in sparse.py.
 import math
 
 import mlx.core as mx
+import numpy as np
 
 from .. import sparse
 from . import register
@@ -23,14 +25,19 @@ class LoLA(LoLCATs):
     name = "lola"
     state_size = 8  # S; the last two blocks' raw keys, values, features; the cache's, and its positions
 
-    def __init__(self, attention, slots=64, horizon=2048, cache_half_life=0.0, **options):
+    def __init__(self, attention, slots=64, horizon=2048, cache_half_life=0.0, cache_span=64, **options):
         super().__init__(attention, **options)
         self.check_options((slots in range(1, 4097), f"slots={slots}: give a whole number of cached keys per KV head, 1 to 4096"),
                            (horizon in range(1 << 31), f"horizon={horizon}: give a whole number of tokens (0: none)"),
-                           (cache_half_life >= 0, f"cache_half_life={cache_half_life}: give a number of tokens (0: none)"))
+                           (cache_half_life >= 0, f"cache_half_life={cache_half_life}: give a number of tokens (0: none)"),
+                           (cache_span in range(4097), f"cache_span={cache_span}: give a whole number of positions, 0 to 4096"))
         self.slots, self.horizon, self.scale, self.sinks = int(slots), int(horizon), attention.scale, attention.sinks
         # A key's rank in the cache halves every cache_half_life tokens of age (0: its error alone).
         self.age_decay = -math.log(2) / cache_half_life if cache_half_life else 0.0
+        # The cache in order over cache_span positions (slot j at j span / slots), read from 2C + span.
+        self.cache_span = int(cache_span)
+        self.slot_rows = np.arange(self.slots) * self.cache_span // self.slots
+        self.fixed_rows = 2 * self.window + self.cache_span + 1
 
     def step_kind(self, offset):
         return offset % self.window == 0  # a block boundary (choosing the cache) is a step of its own
