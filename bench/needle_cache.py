@@ -7,7 +7,7 @@ when the question has been read. The original (mlx-lm, full attention) answers t
     python bench/needle_cache.py --lengths 4096
     python bench/needle_cache.py --lengths 2048 --rules "shipped;from one distance:cache_span=0"
 
-A rule is `name:option=value,...` (LoLA's slots, horizon, cache_half_life) over the adapter's
+A rule is `name:option=value,...` (LoLA's slots, horizon, cache_half_life, cache_span) over the adapter's
 conversion.json; a name alone is that conversion as it is. `--adapter`: another LoLCATs/LoLA
 adapter folder with its conversion.json (a training run's folder, once one is written there).
 Writes bench/results/needle_cache.json.

@@ -9,8 +9,8 @@ z. So a query of block b sees exactly the sinks and its window (the window branc
 block b - 1 that left the window, and the cache chosen at b's boundary; everything else through
 the state, decayed from when the key left the window. The cache is kept in the order of
 positions, filled from its last slot back, and read as a compact past just beyond the pending
-block, whatever its keys' ages (StreamingLLM's positions within the cache): slot j lies at
-position j span / slots of `span` (LoLA's cache_span), the query reads it from 2C + span. So no
+block, whatever its keys' ages (StreamingLLM's positions within the cache): with `span` (LoLA's
+cache_span), slot j lies at position floor(j span / slots), the query reads it from 2C + span. So no
 query is further from a key than 2C + span, and a needle's tokens keep their order among other
 old keys (read all from one distance, as before, they drown in them).
 Sinks go to the state, never to the cache.
@@ -159,7 +159,7 @@ def step_ops(method, attention, q, k, v, rope, cache, state):
     q_features, k_features, _ = method.feature_maps(q, k, v, rope)
     buffered = [write_at(old, new, C + r) for old, new in zip(state[1:4], (k, v.astype(mx.float32), k_features))]
     keys, values, spans, visible = exact_keys(method, attention, rope, cache, buffered, state, o, r)
-    queries = rope.rows(q, attention.step_positions() + [C + r, method.fixed_rows - 1])
+    queries = rope.rows(q, attention.step_positions() + [C + r, method.far_row])
     scores = mx.where(visible[:, :, None, None], step_scores(queries, keys, method.scale, spans), -mx.inf)
     in_window = mx.array(np.arange(keys.shape[2]) < cache.keys.shape[2])
     top, both = mx.where(in_window, scores, -mx.inf).max(-1, keepdims=True), scores.max(-1, keepdims=True)
@@ -197,7 +197,7 @@ def read_terms(method, rope, q, q_features, S, pending, kept, rows, by_block, ne
     and positions per query block; the pending keys lie from position 0, the queries from `near_offset`."""
     linear = (by_block(q_features) @ S) * exp(method.log_decay * rows)[:, None]
     near_q = by_block(rope(q, near_offset))  # so that q.k sees their true distance
-    far_q = by_block(rope(q[..., None, :], method.fixed_rows - 1)[..., 0, :])
+    far_q = by_block(rope(q[..., None, :], method.far_row)[..., 0, :])
     keys = rope(pending[0].reshape(*pending[0].shape[:2], -1, pending[0].shape[-1]), 0).reshape(pending[0].shape)
     kept_keys = rope.along(kept[0], method.slot_rows)
     exact = exact_terms(near_q, far_q, rows, (keys, *pending[1:]), (kept_keys, *kept[1:]), method.sinks, method.scale)

@@ -37,7 +37,8 @@ class LoLA(LoLCATs):
         # The cache in order over cache_span positions (slot j at j span / slots), read from 2C + span.
         self.cache_span = int(cache_span)
         self.slot_rows = np.arange(self.slots) * self.cache_span // self.slots
-        self.fixed_rows = 2 * self.window + self.cache_span + 1
+        self.far_row = 2 * self.window + self.cache_span
+        self.fixed_rows = self.far_row + 1
 
     def step_kind(self, offset):
         return offset % self.window == 0  # a block boundary (choosing the cache) is a step of its own
