@@ -1,9 +1,11 @@
 // LoLA's block boundary in one launch (the ops it replaces: mlx_linear.sparse.boundary, the oracle):
 // the cache's SLOTS keys and the block's C are ranked by their self-recall error against the state,
 // || phi(k) S / phi(k) z - v ||^2 summed over the query heads of the KV head (-inf where not
-// eligible: a sink, or past the horizon); the SLOTS best ranked (the larger error first, ties to the
-// earlier) form the new cache in their order, the eligible among them kept; every other candidate
-// enters the state, decayed since it left the window: S' = 2^... S + sum w_c phi(k_c)^T [v_c, 1].
+// eligible: a sink; past the horizon, but for the LONG best ranked there; with unique[0] > 0, a
+// candidate with a better-ranked copy: key and value cosines above it, one of the two a block key);
+// the SLOTS best ranked (the larger error first, ties to the earlier) form the new cache in their
+// order, the eligible among them kept; every other candidate enters the state, decayed since it
+// left the window: S' = 2^... S + sum w_c phi(k_c)^T [v_c, 1].
 // One threadgroup per (batch, KV head); launch: grid (32, NSG, B * HKV), threadgroup (32, NSG, 1).
 uint lane = thread_index_in_simdgroup;
 uint sg = simdgroup_index_in_threadgroup;
@@ -13,14 +15,14 @@ constexpr int NC = SLOTS + C;  // the candidates: the cache, then the block
 constexpr int D1 = Dk + 1;
 float start_ = start[0];
 
-threadgroup float score[NC], weight[NC];
+threadgroup float score[NC], weight[NC], key_norm[NC], value_norm[NC];
 threadgroup int place[NC];  // the candidate's slot in the new cache, or -1
-threadgroup bool eligible[NC], kept[NC];
+threadgroup bool eligible[NC], kept[NC], is_copy[NC];  // is_copy: leaves the cache (1b, 1c)
 
 // 1. Each candidate's recall error.
 for (int c = sg; c < NC; c += NSG) {
   float p = c < SLOTS ? cache_positions[n * SLOTS + c] : block_positions[n * C + c - SLOTS];
-  bool ok = p >= S && (HORIZON == 0 || p >= start_ - HORIZON);
+  bool ok = p >= S && (HORIZON == 0 || LONG > 0 || p >= start_ - HORIZON);  // past it: LONG at most, below
   auto value = c < SLOTS ? cache_values + (size_t(n) * SLOTS + c) * Dk : block_values + (size_t(n) * C + c - SLOTS) * Dk;
   float error = 0.0f;
   for (int r = 0; r < R; ++r) {
@@ -41,11 +43,57 @@ for (int c = sg; c < NC; c += NSG) {
     }
     error += simd_sum(part);
   }
+  auto key = c < SLOTS ? cache_keys + (size_t(n) * SLOTS + c) * Dk : block_keys + (size_t(n) * C + c - SLOTS) * Dk;
+  float key_part = 0.0f, value_part = 0.0f;
+  for (int j = lane; j < Dk; j += 32) key_part += key[j] * key[j], value_part += value[j] * value[j];
+  key_part = simd_sum(key_part), value_part = simd_sum(value_part);
   if (lane == 0) {
     score[c] = ok ? error : -INFINITY;
     eligible[c] = ok;
     weight[c] = metal::exp(log_decay[0] * (start_ - C - p));
+    key_norm[c] = key_part, value_norm[c] = value_part;
   }
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+
+// 1b. Copies (sparse.copies): a candidate whose key and value are both within the cosine of a better-ranked one's.
+float unique_ = unique[0];
+for (int c = sg; c < NC; c += NSG) {
+  bool copy = false;
+  auto key = c < SLOTS ? cache_keys + (size_t(n) * SLOTS + c) * Dk : block_keys + (size_t(n) * C + c - SLOTS) * Dk;
+  auto value = c < SLOTS ? cache_values + (size_t(n) * SLOTS + c) * Dk : block_values + (size_t(n) * C + c - SLOTS) * Dk;
+  for (int o = c < SLOTS ? SLOTS : 0; unique_ > 0 && o < NC && !copy; ++o) {  // the cache holds no copies of its own
+    if (!(score[o] > score[c] || (score[o] == score[c] && o < c))) continue;
+    auto other_key = o < SLOTS ? cache_keys + (size_t(n) * SLOTS + o) * Dk : block_keys + (size_t(n) * C + o - SLOTS) * Dk;
+    auto other_value = o < SLOTS ? cache_values + (size_t(n) * SLOTS + o) * Dk : block_values + (size_t(n) * C + o - SLOTS) * Dk;
+    float key_dot = 0.0f, value_dot = 0.0f;
+    for (int j = lane; j < Dk; j += 32) key_dot += key[j] * other_key[j], value_dot += value[j] * other_value[j];
+    key_dot = simd_sum(key_dot), value_dot = simd_sum(value_dot);
+    float bound = unique_ * unique_;
+    copy = key_dot > 0 && key_dot * key_dot > bound * key_norm[c] * key_norm[o]
+              && value_dot > 0 && value_dot * value_dot > bound * value_norm[c] * value_norm[o];
+  }
+  if (lane == 0) is_copy[c] = copy;
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+for (int c = tid; c < NC; c += 32 * NSG) {
+  if (is_copy[c]) score[c] = -INFINITY, eligible[c] = false;
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+
+// 1c. Past the horizon, only the LONG best ranked (those still eligible) stay eligible.
+for (int c = tid; HORIZON > 0 && LONG > 0 && c < NC; c += 32 * NSG) {
+  float p = c < SLOTS ? cache_positions[n * SLOTS + c] : block_positions[n * C + c - SLOTS];
+  int rank = 0;
+  for (int o = 0; o < NC; ++o) {
+    float q = o < SLOTS ? cache_positions[n * SLOTS + o] : block_positions[n * C + o - SLOTS];
+    rank += q < start_ - HORIZON && (score[o] > score[c] || (score[o] == score[c] && o < c));
+  }
+  is_copy[c] = p < start_ - HORIZON && rank >= LONG;  // it leaves
+}
+threadgroup_barrier(mem_flags::mem_threadgroup);
+for (int c = tid; HORIZON > 0 && LONG > 0 && c < NC; c += 32 * NSG) {
+  if (is_copy[c]) score[c] = -INFINITY, eligible[c] = false;
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -56,10 +104,13 @@ for (int c = tid; c < NC; c += 32 * NSG) {
   kept[c] = rank < SLOTS;
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
-for (int c = tid; c < NC; c += 32 * NSG) {
-  int before = 0;
-  for (int o = 0; o < c; ++o) before += kept[o];
-  place[c] = kept[c] ? before : -1;
+for (int c = tid; c < NC; c += 32 * NSG) {  // the empty slots first, then the cache in the order of positions
+  int before = 0, empty = 0;
+  for (int o = 0; o < NC; ++o) {
+    empty += kept[o] && !eligible[o];
+    before += o < c && kept[o] && eligible[o] == eligible[c];
+  }
+  place[c] = kept[c] ? before + (eligible[c] ? empty : 0) : -1;
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 

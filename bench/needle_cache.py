@@ -6,8 +6,9 @@ when the question has been read. The original (mlx-lm, full attention) answers t
 
     python bench/needle_cache.py --lengths 4096
     python bench/needle_cache.py --lengths 2048 --rules "shipped;from one distance:cache_span=0"
+    python bench/needle_cache.py --lengths 8k,32k --rules "shipped;before:long_slots=0,cache_unique=0"
 
-A rule is `name:option=value,...` (LoLA's slots, horizon, cache_half_life, cache_span) over the adapter's
+A rule is `name:option=value,...` (LoLA's slots, horizon, long_slots, cache_unique, cache_half_life, cache_span) over the adapter's
 conversion.json; a name alone is that conversion as it is. `--adapter`: another LoLCATs/LoLA
 adapter folder with its conversion.json (a training run's folder, once one is written there).
 Writes bench/results/needle_cache.json.
@@ -84,6 +85,8 @@ def run(model, tokenizer, documents, label):
 
 
 def summary(rows):
+    if not rows:
+        return "not run"
     found = sum(r["found"] for r in rows)
     text = f"{found}/{len(rows)}"
     if "in_cache" in rows[0]:
@@ -109,6 +112,8 @@ def main():
     parser.add_argument("--lengths", default="4096", help="prompt lengths in tokens, e.g. 2k,4096")
     parser.add_argument("--rules", default=RULES)
     parser.add_argument("--adapter", help="adapter folder with its conversion.json [the chat's]")
+    parser.add_argument("--original-up-to", type=int, default=8192,
+                        help="the original answers prompts up to this length (its trained context; it is quadratic)")
     parser.add_argument("--name", default="needle_cache")
     args = parser.parse_args()
     task = Passkey()
@@ -120,7 +125,7 @@ def main():
     result = {"adapter": str(adapter), "conversion": conversion, "lengths": task.lengths, "rules": {}}
     original, tokenizer = mlx_linear.load(bundled_model("none"))
     documents = list(task.documents(None, Scorer(original, tokenizer)))
-    result["original"] = run(original, tokenizer, documents, "original")
+    result["original"] = run(original, tokenizer, [d for d in documents if d["length"] <= args.original_up_to], "original")
     for name, (options, folder) in rules.items():
         model, tokenizer = mlx_linear.load(folder, adapter_path=adapter, fuse_adapter=True)
         result["rules"][name] = {"options": options, "documents": run(model, tokenizer, documents, name)}

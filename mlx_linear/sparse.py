@@ -13,7 +13,9 @@ block, whatever its keys' ages (StreamingLLM's positions within the cache): with
 cache_span), slot j lies at position floor(j span / slots), the query reads it from 2C + span. So no
 query is further from a key than 2C + span, and a needle's tokens keep their order among other
 old keys (read all from one distance, as before, they drown in them).
-Sinks go to the state, never to the cache.
+Sinks go to the state, never to the cache. With `unique` (LoLA's cache_unique), a candidate whose
+key and value cosines with a better-ranked one's both exceed it enters the state instead: a copy
+adds little that its original does not, and repeated text would otherwise fill the cache with copies.
 
 State per layer: S (z its last column); the last two blocks' raw keys, values and features;
 the cache's raw keys, values, features and positions (-1: an empty slot).
@@ -48,22 +50,50 @@ def recall_error(features, values, S):
     return error.reshape(B, Hkv, -1, N).sum(2)
 
 
-def boundary(S, cache, block, start, sinks, log_decay, horizon=0, age_decay=0.0):
+def similar(x, threshold):
+    """(B, Hkv, N, N): the pairs of rows of x (B, Hkv, N, d) whose cosine is above `threshold` (> 0)."""
+    dots, norms = x @ x.swapaxes(-1, -2), (x * x).sum(-1)
+    return (dots > 0) & (dots * dots > threshold**2 * norms[..., :, None] * norms[..., None, :])
+
+
+def copies(keys, values, score, C, threshold):
+    """Which candidates (the cache's, then the block's C) have a better-ranked copy: a candidate whose
+    key and value cosines with theirs are both above `threshold`. Only pairs with a block key are
+    compared: the cache holds no copies of its own."""
+    N = score.shape[-1]
+    index, in_block = mx.arange(N), mx.arange(N) >= N - C
+    better = (score[..., None, :] > score[..., :, None]) | ((score[..., None, :] == score[..., :, None]) & (index < index[:, None]))
+    pairs = similar(keys, threshold) & similar(values, threshold) & (in_block[:, None] | in_block)
+    return (pairs & better).any(-1)
+
+
+def boundary(S, cache, block, start, sinks, log_decay, horizon=0, age_decay=0.0, unique=0.0, long_slots=0):
     """The boundary of the block that starts at position `start`: the cache and the block two
     back (all of it out of the window now) are ranked, the `slots` worst recalled stay in the
     cache, the rest enter S, which is then the state of keys up to start - C, as of start - C.
-    With a `horizon`, keys more than that many positions back leave the cache whatever their rank;
-    with an `age_decay` (< 0, per token), a key's score is its error decayed by its age, so that
-    only a key the state recalls far worse than the new ones stays long."""
+    With a `horizon`, keys more than that many positions back leave the cache whatever their rank,
+    but for the `long_slots` best ranked of them; with an `age_decay` (< 0, per token), a key's
+    score is its error decayed by its age, so that only a key the state recalls far worse than the
+    new ones stays long. With `unique` (a cosine), a key with a better-ranked copy enters the state."""
     keys, values, features, positions = (mx.concatenate(pair, axis=2) for pair in zip(cache, block))
     slots, C, groups = cache[0].shape[2], block[0].shape[2], features.shape[1] // keys.shape[1]
-    eligible = (positions >= sinks) & ((positions >= start - horizon) if horizon else True)
+    old = (positions < start - horizon) if horizon else mx.zeros(positions.shape, dtype=mx.bool_)
+    eligible = (positions >= sinks) & (~old if not long_slots else True)
     error = mx.stop_gradient(recall_error(features, values, S))
     if age_decay:
         error = error * exp(age_decay * (start - positions))
     score = mx.where(eligible, error, -mx.inf)
+    if unique:
+        eligible = eligible & ~copies(mx.stop_gradient(keys), mx.stop_gradient(values), score, C, unique)
+        score = mx.where(eligible, error, -mx.inf)
+    if long_slots and horizon:  # past the horizon, only the best ranked few stay
+        rank = mx.argsort(mx.argsort(-mx.where(old, score, -mx.inf), axis=-1), axis=-1)
+        eligible = eligible & (~old | (rank < long_slots))
+        score = mx.where(eligible, error, -mx.inf)
     order = mx.argsort(-score, axis=-1)  # stable: of equal scores (repeated tokens) the older stays
-    keep = mx.sort(order[..., :slots], axis=-1)  # the cache stays in the order of positions
+    top, N = order[..., :slots], score.shape[-1]
+    # The empty slots first, then the cache in the order of positions (its last slots).
+    keep = mx.sort(top + N * mx.take_along_axis(eligible, top, axis=-1), axis=-1) % N
     stays = mx.take_along_axis(eligible, keep, axis=-1)
     cached = (mx.argsort(order, axis=-1) < slots) & eligible
     weight = mx.where(cached, 0.0, exp(log_decay * (start - C - positions)))  # decayed since it left the window
@@ -113,9 +143,8 @@ def forward(method, q, k, v, q_features, k_features, rope, state=None):
     for b in range(o // C, (o + L - 1) // C + 1):  # each query block reads the state and cache of its boundary
         if b * C >= o:  # that boundary lies in this chunk: block b - 2 has left the window
             block, start = [x[:, :, b - 1 - last_seen] for x in line], mx.array(b * C)
-            fused = None if method.age_decay else step_kernels.lola_boundary(
-                boundary, S, kept, block, start, method.sinks, method.log_decay, method.horizon)  # the kernel ranks by error alone
-            S, kept = fused or compiled_boundary(S, kept, block, start, method.sinks, method.log_decay, method.horizon, method.age_decay)
+            fused = step_kernels.lola_boundary(boundary, S, kept, block, start, *method.cache_rule)
+            S, kept = fused or compiled_boundary(S, kept, block, start, *method.cache_rule)
         read.append((S, *kept))
     S_read, kept_k, kept_v, _, kept_at = (mx.stack(x, axis=2) if len(read) > 1 else x[0][:, :, None] for x in zip(*read))
     front, pending = o % C, slice(o // C - last_seen, -1)  # pending: the block before each query block
@@ -136,7 +165,7 @@ def shift_blocks(method, state, o):
     C, (B, Hkv) = method.window, state[1].shape[:2]
     positions = mx.broadcast_to(o - 2 * C + mx.array(np.arange(C, dtype=np.float32)), (B, Hkv, C))
     block = [x[:, :, :C] for x in state[1:4]] + [positions]
-    S, kept = boundary(state[0], tuple(state[4:]), block, o, method.sinks, method.log_decay, method.horizon, method.age_decay)
+    S, kept = boundary(state[0], tuple(state[4:]), block, o, *method.cache_rule)
     shifted = [mx.pad(x[:, :, C:], [(0, 0), (0, 0), (0, C)] + [(0, 0)] * (x.ndim - 3)) for x in state[1:4]]
     return [S, *shifted, *kept]
 

@@ -41,7 +41,7 @@ SPECS = {
     "boundary": dict(
         name="lola_boundary",
         input_names=["state", "cache_keys", "cache_values", "cache_features", "cache_positions", "block_keys",
-                     "block_values", "block_features", "block_positions", "start", "log_decay"],
+                     "block_values", "block_features", "block_positions", "start", "log_decay", "unique"],
         output_names=["state_out", "keys_out", "values_out", "features_out", "positions_out"],
         source=_source("lola_boundary.metal"),
     ),
@@ -145,21 +145,22 @@ def lola_step(method, attention, q, k, v, rope, state, cache):
     return y.reshape(B, H, 1, d), [S, *blocks, *state[4:]]
 
 
-def lola_boundary(ops, S, cache, block, start, sinks, log_decay, horizon):
-    """`ops` (sparse.boundary) in one launch where a GPU kernel serves, else None. Differentiable:
-    its gradients are those of `ops`, recomputed (training on a GPU)."""
+def lola_boundary(ops, S, cache, block, start, sinks, log_decay, horizon, age_decay=0.0, unique=0.0, long_slots=0):
+    """`ops` (sparse.boundary) in one launch where a GPU kernel serves, else None (also with an
+    `age_decay`: the kernel ranks by error alone). Differentiable: its gradients are those of
+    `ops`, recomputed (training on a GPU)."""
     kernel = ready("boundary")
     slots, C = cache[0].shape[2], block[0].shape[2]
-    if kernel is None or 14 * (slots + C) > THREADGROUP_BYTES:
+    if kernel is None or age_decay or 23 * (slots + C) > THREADGROUP_BYTES:
         return None
     (B, H, F, _), (Hkv, d) = S.shape, (cache[0].shape[1], cache[0].shape[-1])
 
     @mx.custom_function
     def fused(S, cache, block, start):
         S, *kept = kernel(
-            inputs=[S, *cache, *block, start.reshape(1), scalar(log_decay)],
+            inputs=[S, *cache, *block, start.reshape(1), scalar(log_decay), scalar(unique)],
             template=[("Dk", d), ("F", F), ("SLOTS", slots), ("C", C), ("R", H // Hkv), ("S", sinks),
-                      ("HORIZON", horizon), ("NSG", SIMDGROUPS)],
+                      ("HORIZON", horizon), ("LONG", long_slots), ("NSG", SIMDGROUPS)],
             grid=(32, SIMDGROUPS, B * Hkv),
             threadgroup=(32, SIMDGROUPS, 1),
             output_shapes=[S.shape] + [x.shape for x in cache],
@@ -172,7 +173,7 @@ def lola_boundary(ops, S, cache, block, start, sinks, log_decay, horizon):
         (S, cache, block, start), (dS, dcache) = primals, cotangents
         # Positions and the start choose the cache (through argsort): no gradient flows into them.
         def differentiable(S, *parts):
-            S, kept = ops(S, (*parts[:3], cache[3]), [*parts[3:], block[3]], start, sinks, log_decay, horizon)
+            S, kept = ops(S, (*parts[:3], cache[3]), [*parts[3:], block[3]], start, sinks, log_decay, horizon, 0.0, unique, long_slots)
             return [S, *kept[:3]]
 
         grads = mx.vjp(differentiable, [S, *cache[:3], *block[:3]], [dS, *dcache[:3]])[1]

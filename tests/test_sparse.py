@@ -26,7 +26,8 @@ def distinct_tokens(batch, length, seed=1):
     return mx.stack([mx.random.permutation(TINY["vocab_size"])[:length] for _ in range(batch)])
 
 
-def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True, horizon=2048, cache_half_life=0.0, cache_span=64):
+def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True, horizon=2048, cache_half_life=0.0, cache_span=64,
+              cache_unique=0.0, long_slots=0):
     """Token by token. At the start of block b (t = bC, C = W) the cache and the keys of block
     b - 2 (sinks aside) are ranked by || phi(k) S / phi(k) z - v ||^2 summed over the query heads
     of their KV head, S and z as they were; the `slots` largest stay (equal scores: the older),
@@ -35,7 +36,10 @@ def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True, horizon=2
     true positions), the cache (filled from its last slot back, in the order of positions, slot j
     at position j * cache_span // slots, scored from 2W + cache_span); and the state, each key decayed by
     2^(-(t - W - s) / half_life). Keys more than `horizon` back at a boundary join the state
-    (horizon 0: none). With `cache_half_life`, a key's error is ranked times 2^(-(t - s) / it)."""
+    (horizon 0: none), but for the `long_slots` best ranked of them. With `cache_half_life`, a key's
+    error is ranked times 2^(-(t - s) / it).
+    With `cache_unique`, a key whose key and value cosines with a better-ranked key's both exceed
+    it, one of the two from block b - 2, joins the state."""
     B, L, _ = x.shape
     H, Hkv, m, W = attn.n_heads, attn.n_kv_heads, attn.method, WINDOW
     R = H // Hkv
@@ -47,6 +51,9 @@ def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True, horizon=2
     def phi(x, w):
         y = x @ w
         return mx.concatenate([mx.softmax(y, axis=-1), mx.softmax(-y, axis=-1)], axis=-1)
+
+    def similar(a, b):
+        return ((a * b).sum() / mx.sqrt((a * a).sum() * (b * b).sum())).item() > cache_unique
 
     fq = phi(qr if after_rope else q, m.q_map)
     fk = phi(mx.repeat(kr if after_rope else k, R, axis=1), m.k_map)
@@ -62,8 +69,8 @@ def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True, horizon=2
                 if t % W == 0:  # a boundary
                     candidates = cache + [s for s in range(t - 2 * W, t - W) if s >= sinks]
                     oldest = t - horizon if horizon else -math.inf  # horizon 0: none
-                    expired = [s for s in candidates if s < oldest]
-                    candidates = [s for s in candidates if s >= oldest]
+                    expired = [] if long_slots else [s for s in candidates if s < oldest]
+                    candidates = [s for s in candidates if s not in expired]
 
                     def error(s):
                         total = 0.0
@@ -76,8 +83,14 @@ def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True, horizon=2
 
                     aged = (lambda s: 0.5 ** ((t - s) / cache_half_life)) if cache_half_life else (lambda s: 1.0)
                     ranked = sorted(candidates, key=lambda s: (-error(s) * aged(s), s))
+                    copies = [s for i, s in enumerate(ranked) if cache_unique and any(
+                        (s >= t - 2 * W or u >= t - 2 * W) and similar(k[b, j, s], k[b, j, u]) and similar(v[b, j, s], v[b, j, u])
+                        for u in ranked[:i])]
+                    ranked = [s for s in ranked if s not in copies]
+                    expired = expired + [s for s in ranked if s < oldest][long_slots:]
+                    ranked = [s for s in ranked if s not in expired]
                     cache = sorted(ranked[:slots])
-                    state += expired + ranked[slots:] + list(range(max(0, t - 2 * W), min(sinks, t - W)))  # sinks too
+                    state += expired + copies + ranked[slots:] + list(range(max(0, t - 2 * W), min(sinks, t - W)))  # sinks too
                 block_start = t - t % W
                 pending = [s for s in range(block_start - W, t - W + 1) if s >= max(sinks, 0)]
                 recent = list(range(max(0, t - W + 1), t + 1))
@@ -109,7 +122,9 @@ def layer_input(attn, length, batch=2, seed=3):
 
 
 @pytest.mark.parametrize("options", [{}, {"half_life": 6.0, "after_rope": False}, {"horizon": 20}, {"horizon": 0},
-                                     {"horizon": 0, "cache_half_life": 10.0}, {"cache_span": 0}, {"horizon": 0, "cache_span": 7}])
+                                     {"horizon": 0, "cache_half_life": 10.0}, {"cache_span": 0}, {"horizon": 0, "cache_span": 7},
+                                     {"horizon": 0, "cache_unique": 0.5}, {"cache_unique": 0.3, "cache_half_life": 10.0},
+                                     {"horizon": 12, "long_slots": 1}, {"horizon": 10, "long_slots": 2, "cache_unique": 0.5}])
 @pytest.mark.parametrize("slots,sinks", [(3, 0), (2, 2), (12, 1)])
 def test_follows_the_reference(slots, sinks, options):
     """41 tokens (five boundaries; the cache full, then keys moving between it and the state)."""
@@ -177,6 +192,23 @@ def test_the_cache_holds_what_the_state_recalls_worst():
     for wrong in (0, -1, 2.5):
         with pytest.raises(ValueError, match=f"slots={wrong}: give a whole number"):
             tiny_model(method="lola", options={"slots": wrong})
+
+
+@pytest.mark.parametrize("slots,sinks,options", [(3, 0, {"horizon": 0}), (12, 1, {}), (2, 2, {"cache_half_life": 10.0})])
+def test_a_copy_leaves_the_cache(slots, sinks, options):
+    """Repeated text (four inputs over and over, each time a little changed): with `cache_unique`,
+    a key with a better-ranked copy joins the state, as in the reference, so the cache holds one
+    of each; without it, copies hold the cache."""
+    attn = sparse_model(slots, sinks, **options).layers[0].self_attn
+    x = mx.tile(layer_input(attn, 4, seed=5), (1, 11, 1)) + 0.05 * layer_input(attn, 44, seed=6)
+    with_copies = attn(x)
+    attn.method.unique = 0.9
+    assert mx.allclose(attn(x), reference(attn, x, slots, sinks, cache_unique=0.9, **options), atol=1e-4).item()
+    assert not mx.allclose(attn(x), with_copies, atol=1e-3).item()
+    _, state = attn.method(*attn.project(x), Rope(attn.rope, 0))
+    for row in state[-1].reshape(-1, slots).tolist():
+        kept = [int(p) % 4 for p in row if p >= 0]
+        assert len(kept) == len(set(kept)) > 0
 
 
 def test_compiled_decode_takes_every_step_boundaries_included(monkeypatch):

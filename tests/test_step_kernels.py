@@ -111,10 +111,13 @@ def prefill(model, tokens):
 
 
 HORIZON = {**LOLA_CHAT, "options": {**LOLA_CHAT["options"], "horizon": 12}}
+UNIQUE = {**LOLA_CHAT, "options": {**LOLA_CHAT["options"], "slots": 6, "horizon": 0, "cache_unique": 0.5}}  # copies by chance
+LONG = {**LOLA_CHAT, "options": {**UNIQUE["options"], "horizon": 12, "long_slots": 2}}
 
 
 @pytest.mark.parametrize("recipe,length", [(LOLA, 40), (LOLA_CHAT, 45), (HORIZON, 60),
-                                           ({**LOLA, "options": {"slots": 12, "horizon": 12}}, 48), ({"shape": WIDE, **LOLA_CHAT}, 37)])
+                                           ({**LOLA, "options": {"slots": 12, "horizon": 12}}, 48), ({"shape": WIDE, **LOLA_CHAT}, 37),
+                                           (UNIQUE, 50), ({"shape": WIDE, **UNIQUE}, 45), (LONG, 60)])
 def test_lola_boundary_kernel_equals_the_ops(fused, recipe, length):
     """A prefill crossing several block boundaries: the cache filling, full, past a horizon (fewer
     eligible keys than slots: the cache's keys past it stay in their slots as zeros and enter the state)."""
