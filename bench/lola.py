@@ -1,11 +1,11 @@
 """LoLA's sparse cache on a trained LoLCATs adapter: what `slots` exact keys per KV head add
 beyond the window, beside the same parameters with the state alone and with the window alone.
 
-    python bench/lola.py --adapter mlx_linear/trained_adapters/smollm2-135m-instruct-lola --slots 64,256
+    python bench/lola.py --adapter mlx_linear/trained_adapters/smollm2-135m-instruct-lola --slots 256,512
 
 The bundled SmolLM2 is converted as the adapter's conversion.json says (LoLCATs), as LoLA with
-the same options and each number of slots (the same weights and adapter: LoLA is an inference
-change), and as the original. Each is evaluated on WikiText-2 and held-out general text by
+the same options, its LoLA options too (the chat's cache rule), and each number of slots (the
+same weights and adapter: LoLA is an inference change), and as the original. Each is evaluated on WikiText-2 and held-out general text by
 position (--windows windows of --window tokens) and passkey at 512-4k tokens; LoLCATs also with
 its state off (the window and sinks alone), against which every row's share of the gap to the
 original is taken. Evaluations are cached in bench/results/lola_evals.json.
@@ -31,11 +31,14 @@ BUCKETS = ("ppl@64-256", "ppl@256-1k", "ppl@1k-4k")
 
 
 def models(conversion, slots, horizon):
-    """[(name, converted folder, use_state)]: the window alone, LoLCATs, LoLA per slots."""
-    lolcats = bundled_model(**conversion)
+    """[(name, converted folder, use_state)]: the window alone, LoLCATs, LoLA per slots (with the
+    conversion's other LoLA options)."""
+    options = conversion.get("options", {})
+    lolcats_options = method_options(METHODS["lolcats"])
+    lolcats = bundled_model(**{**conversion, "method": "lolcats", "options": {k: v for k, v in options.items() if k in lolcats_options}})
     rows = [("window alone", lolcats, False), ("LoLCATs (state)", lolcats, True)]
     for n in slots:
-        lola = {**conversion, "method": "lola", "options": {**conversion.get("options", {}), "slots": n, "horizon": horizon}}
+        lola = {**conversion, "method": "lola", "options": {**options, "slots": n, "horizon": horizon}}
         rows.append((f"LoLA, {n} slots, horizon {horizon} (state + cache)", bundled_model(**lola), True))
     return rows
 
@@ -58,8 +61,8 @@ def table(original, results, window_alone):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", type=Path, required=True, help="a LoLCATs (or LoLA) adapter folder with conversion.json")
-    parser.add_argument("--slots", default="64,256", help="cache sizes to compare, comma-separated")
-    parser.add_argument("--horizon", type=int, default=2048, help="LoLA's horizon: keys further back leave the cache")
+    parser.add_argument("--slots", help="cache sizes to compare, comma-separated [the adapter's, else 256]")
+    parser.add_argument("--horizon", type=int, help="LoLA's horizon: keys further back leave the cache [the adapter's, else 2048]")
     parser.add_argument("--window", type=int, default=4096, help="tokens per perplexity window")
     parser.add_argument("--windows", type=int, default=2, help="windows of WikiText-2 and of held-out text")
     parser.add_argument("--passkeys", type=int, default=24, help="passkey documents (6 depths a length, 512 first)")
@@ -70,11 +73,10 @@ def main():
     conversion = json.loads(conversion_file.read_text())
     if conversion.get("method") not in ("lolcats", "lola"):
         parser.error(f"{args.adapter} is a {conversion.get('method')} adapter: LoLA runs on a LoLCATs adapter")
-    lolcats_options = method_options(METHODS["lolcats"])
-    options = {k: v for k, v in conversion.get("options", {}).items() if k in lolcats_options}
-    conversion = {**conversion, "method": "lolcats", "options": options}
+    lola = conversion.get("options", {}) if conversion["method"] == "lola" else {}
+    horizon = lola.get("horizon", 2048) if args.horizon is None else args.horizon
     try:
-        slots = [int(n) for n in args.slots.split(",")]
+        slots = [int(n) for n in (args.slots or str(lola.get("slots", 256))).split(",")]
     except ValueError:
         parser.error(f"--slots {args.slots}: give whole numbers, e.g. --slots 64,256")
     if not SHARED_DATA.is_dir():
@@ -86,7 +88,7 @@ def main():
     RESULTS.mkdir(parents=True, exist_ok=True)
     original = cached_evaluation(cache_file, "original" + suffix, bundled_model("none"), None, options)
     results = {}
-    for name, folder, use_state in models(conversion, slots, args.horizon):
+    for name, folder, use_state in models(conversion, slots, horizon):
         key = f"{folder.name}|adapter {weights}|state={use_state}{suffix}"
         results[name] = cached_evaluation(cache_file, key, folder, args.adapter, options, use_state)
     report = (f"# LoLA on {args.adapter.name} (SmolLM2-135M-Instruct; windows of {args.window} tokens, {args.windows} of "

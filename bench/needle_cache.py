@@ -7,11 +7,13 @@ when the question has been read. The original (mlx-lm, full attention) answers t
     python bench/needle_cache.py --lengths 4096
     python bench/needle_cache.py --lengths 2048 --rules "shipped;from one distance:cache_span=0"
     python bench/needle_cache.py --lengths 8k,32k --rules "shipped;before:long_slots=0,cache_unique=0"
+    python bench/needle_cache.py --task niah_multikey --lengths 1k,2k --original-up-to 0
 
 A rule is `name:option=value,...` (LoLA's slots, horizon, long_slots, cache_unique, cache_half_life, cache_span) over the adapter's
 conversion.json; a name alone is that conversion as it is. `--adapter`: another LoLCATs/LoLA
 adapter folder with its conversion.json (a training run's folder, once one is written there).
-Writes bench/results/needle_cache.json.
+`--task`: another retrieval task of `eval` (RULER's `niah_multikey`, ...): its needle is the
+answer's tokens. Writes bench/results/needle_cache.json.
 """
 
 import argparse
@@ -33,7 +35,7 @@ from mlx_linear.convert.cli import parse_options  # noqa: E402
 from mlx_linear.eval.cli import parse_lengths  # noqa: E402
 from mlx_linear.eval.scoring import Scorer, encode_pair  # noqa: E402
 from mlx_linear.errors import UserError  # noqa: E402
-from mlx_linear.eval.tasks import Passkey  # noqa: E402
+from mlx_linear.eval.tasks import Retrieval, get_task  # noqa: E402
 from mlx_linear.progress import Progress  # noqa: E402
 
 RULES = "shipped;no horizon:horizon=0;every key kept:horizon=0,slots=4096,cache_span=4096"
@@ -75,7 +77,8 @@ def run(model, tokenizer, documents, label):
         tokens, key = encode_pair(tokenizer, doc["context"], doc["answer"])  # as the eval scores it
         spots = [i + j for i in range(len(tokens) - len(key)) if tokens[i : i + len(key)] == key for j in range(len(key))]
         answer, states = greedy(model, tokens, len(key))
-        row = {"length": doc["length"], "needle_at": spots[0] if spots else None, "found": answer == key}
+        row = {"length": doc["length"], "needle_at": spots[0] if spots else None, "found": answer == key,
+               "said": tokenizer.decode(answer), "answer": tokenizer.decode(key)}
         if states[0] is not None:
             row["in_cache"] = needle_share(states, spots)
         rows.append(row)
@@ -114,15 +117,18 @@ def main():
     parser.add_argument("--adapter", help="adapter folder with its conversion.json [the chat's]")
     parser.add_argument("--original-up-to", type=int, default=8192,
                         help="the original answers prompts up to this length (its trained context; it is quadratic)")
+    parser.add_argument("--task", default="passkey", help="a retrieval task of eval: passkey, niah_multikey, ...")
     parser.add_argument("--name", default="needle_cache")
     args = parser.parse_args()
-    task = Passkey()
     try:
+        task = get_task(args.task)
+        if not isinstance(task, Retrieval):
+            raise UserError(f"--task {args.task}: not a retrieval task; give passkey, niah_multikey or another with one answer")
         task.lengths = parse_lengths(args.lengths)
         adapter, conversion, rules = converted_rules(args)
     except UserError as error:
         parser.error(str(error))
-    result = {"adapter": str(adapter), "conversion": conversion, "lengths": task.lengths, "rules": {}}
+    result = {"task": task.name, "adapter": str(adapter), "conversion": conversion, "lengths": task.lengths, "rules": {}}
     original, tokenizer = mlx_linear.load(bundled_model("none"))
     documents = list(task.documents(None, Scorer(original, tokenizer)))
     result["original"] = run(original, tokenizer, [d for d in documents if d["length"] <= args.original_up_to], "original")

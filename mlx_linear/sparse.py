@@ -50,21 +50,25 @@ def recall_error(features, values, S):
     return error.reshape(B, Hkv, -1, N).sum(2)
 
 
-def similar(x, threshold):
-    """(B, Hkv, N, N): the pairs of rows of x (B, Hkv, N, d) whose cosine is above `threshold` (> 0)."""
-    dots, norms = x @ x.swapaxes(-1, -2), (x * x).sum(-1)
-    return (dots > 0) & (dots * dots > threshold**2 * norms[..., :, None] * norms[..., None, :])
+def similar(x, C, threshold):
+    """(B, Hkv, N, C): the pairs of a row of x (B, Hkv, N, d) and one of its last C rows whose cosine is above `threshold` (> 0)."""
+    dots, norms = x @ x[..., -C:, :].swapaxes(-1, -2), (x * x).sum(-1)
+    return (dots > 0) & (dots * dots > threshold**2 * norms[..., :, None] * norms[..., None, -C:])
 
 
 def copies(keys, values, score, C, threshold):
     """Which candidates (the cache's, then the block's C) have a better-ranked copy: a candidate whose
     key and value cosines with theirs are both above `threshold`. Only pairs with a block key are
-    compared: the cache holds no copies of its own."""
+    compared (N x C, not N x N): the cache holds no copies of its own."""
     N = score.shape[-1]
-    index, in_block = mx.arange(N), mx.arange(N) >= N - C
-    better = (score[..., None, :] > score[..., :, None]) | ((score[..., None, :] == score[..., :, None]) & (index < index[:, None]))
-    pairs = similar(keys, threshold) & similar(values, threshold) & (in_block[:, None] | in_block)
-    return (pairs & better).any(-1)
+    index, block_index, block_score = mx.arange(N), mx.arange(N - C, N), score[..., N - C :]
+    pairs = similar(keys, C, threshold) & similar(values, C, threshold)
+    # [i, b]: block key b ranks above candidate i (ties: the earlier); below it where i is in the cache
+    block_better = (block_score[..., None, :] > score[..., :, None]) | (
+        (block_score[..., None, :] == score[..., :, None]) & (block_index < index[:, None]))
+    has_copy = (pairs & block_better).any(-1)  # a better copy in the block: any candidate
+    in_cache_copy = (pairs & ~block_better & (index < N - C)[:, None]).any(-2)  # a better copy in the cache: a block key
+    return has_copy | mx.pad(in_cache_copy, [(0, 0)] * (in_cache_copy.ndim - 1) + [(N - C, 0)])
 
 
 def boundary(S, cache, block, start, sinks, log_decay, horizon=0, age_decay=0.0, unique=0.0, long_slots=0):
