@@ -17,7 +17,7 @@ float start_ = start[0];
 
 threadgroup float score[NC], weight[NC], key_norm[NC], value_norm[NC];
 threadgroup int place[NC];  // the candidate's slot in the new cache, or -1
-threadgroup bool eligible[NC], kept[NC], is_copy[NC];  // is_copy: leaves the cache (1b, 1c)
+threadgroup bool eligible[NC], kept[NC], leaves[NC];  // leaves: a copy (1b), or past the horizon beyond LONG (1c)
 
 // 1. Each candidate's recall error.
 for (int c = sg; c < NC; c += NSG) {
@@ -73,11 +73,11 @@ for (int c = sg; c < NC; c += NSG) {
     copy = key_dot > 0 && key_dot * key_dot > bound * key_norm[c] * key_norm[o]
               && value_dot > 0 && value_dot * value_dot > bound * value_norm[c] * value_norm[o];
   }
-  if (lane == 0) is_copy[c] = copy;
+  if (lane == 0) leaves[c] = copy;
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 for (int c = tid; c < NC; c += 32 * NSG) {
-  if (is_copy[c]) score[c] = -INFINITY, eligible[c] = false;
+  if (leaves[c]) score[c] = -INFINITY, eligible[c] = false;
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -89,11 +89,11 @@ for (int c = tid; HORIZON > 0 && LONG > 0 && c < NC; c += 32 * NSG) {
     float q = o < SLOTS ? cache_positions[n * SLOTS + o] : block_positions[n * C + o - SLOTS];
     rank += q < start_ - HORIZON && (score[o] > score[c] || (score[o] == score[c] && o < c));
   }
-  is_copy[c] = p < start_ - HORIZON && rank >= LONG;  // it leaves
+  leaves[c] = p < start_ - HORIZON && rank >= LONG;  // it leaves
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 for (int c = tid; HORIZON > 0 && LONG > 0 && c < NC; c += 32 * NSG) {
-  if (is_copy[c]) score[c] = -INFINITY, eligible[c] = false;
+  if (leaves[c]) score[c] = -INFINITY, eligible[c] = false;
 }
 threadgroup_barrier(mem_flags::mem_threadgroup);
 

@@ -13,7 +13,7 @@ A rule is `name:option=value,...` (LoLA's slots, horizon, long_slots, cache_uniq
 conversion.json; a name alone is that conversion as it is. `--adapter`: another LoLCATs/LoLA
 adapter folder with its conversion.json (a training run's folder, once one is written there).
 `--task`: another retrieval task of `eval` (RULER's `niah_multikey`, ...): its needle is the
-answer's tokens. Writes bench/results/needle_cache.json.
+answer's tokens; a haystack of text (`niah_multikey:wikitext2`) is read from --data-dir. Writes bench/results/needle_cache.json.
 """
 
 import argparse
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_json  # noqa: E402  (loads the BLAS before mlx)
+from common import SHARED_DATA, write_json  # noqa: E402  (loads the BLAS before mlx)
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -118,19 +118,21 @@ def main():
     parser.add_argument("--original-up-to", type=int, default=8192,
                         help="the original answers prompts up to this length (its trained context; it is quadratic)")
     parser.add_argument("--task", default="passkey", help="a retrieval task of eval: passkey, niah_multikey, ...")
+    parser.add_argument("--data-dir", type=Path, default=SHARED_DATA, help="where a text haystack is read [../shared/data]")
     parser.add_argument("--name", default="needle_cache")
     args = parser.parse_args()
     try:
         task = get_task(args.task)
         if not isinstance(task, Retrieval):
             raise UserError(f"--task {args.task}: not a retrieval task; give passkey, niah_multikey or another with one answer")
+        task.check(args.data_dir)
         task.lengths = parse_lengths(args.lengths)
         adapter, conversion, rules = converted_rules(args)
     except UserError as error:
         parser.error(str(error))
     result = {"task": task.name, "adapter": str(adapter), "conversion": conversion, "lengths": task.lengths, "rules": {}}
     original, tokenizer = mlx_linear.load(bundled_model("none"))
-    documents = list(task.documents(None, Scorer(original, tokenizer)))
+    documents = list(task.documents(args.data_dir, Scorer(original, tokenizer)))
     result["original"] = run(original, tokenizer, [d for d in documents if d["length"] <= args.original_up_to], "original")
     for name, (options, folder) in rules.items():
         model, tokenizer = mlx_linear.load(folder, adapter_path=adapter, fuse_adapter=True)
