@@ -8,6 +8,7 @@ when the question has been read. The original (mlx-lm, full attention) answers t
     python bench/needle_cache.py --lengths 2048 --rules "shipped;from one distance:cache_span=0"
     python bench/needle_cache.py --lengths 8k,32k --rules "shipped;before:long_slots=0,cache_unique=0"
     python bench/needle_cache.py --task niah_multikey --lengths 1k,2k --original-up-to 0
+    python bench/needle_cache.py --task niah_multikey --lengths 1k,2k,4k --documents 12 --rules shipped
 
 A rule is `name:option=value,...` (LoLA's slots, horizon, long_slots, cache_unique, cache_half_life, cache_span) over the adapter's
 conversion.json; a name alone is that conversion as it is. `--adapter`: another LoLCATs/LoLA
@@ -118,6 +119,7 @@ def main():
     parser.add_argument("--original-up-to", type=int, default=8192,
                         help="the original answers prompts up to this length (its trained context; it is quadratic)")
     parser.add_argument("--task", default="passkey", help="a retrieval task of eval: passkey, niah_multikey, ...")
+    parser.add_argument("--documents", type=int, help="documents a length [the task's own, 4]: more for a finer share")
     parser.add_argument("--data-dir", type=Path, default=SHARED_DATA, help="where a text haystack is read [../shared/data]")
     parser.add_argument("--name", default="needle_cache")
     args = parser.parse_args()
@@ -127,6 +129,11 @@ def main():
             raise UserError(f"--task {args.task}: not a retrieval task; give passkey, niah_multikey or another with one answer")
         task.check(args.data_dir)
         task.lengths = parse_lengths(args.lengths)
+        if args.documents is not None:
+            if args.documents < 1 or not hasattr(task, "per_length"):
+                raise UserError(f"--documents {args.documents}: give at least 1, for a RULER task "
+                                "(passkey has one document a depth)")
+            task.per_length = args.documents  # the first 4 at the first length are the task's own
         adapter, conversion, rules = converted_rules(args)
     except UserError as error:
         parser.error(str(error))
