@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx_linear  # noqa: F401  (first: the BLAS it loads)
 import mlx.core as mx
 
-from mlx_linear.adapters import ADAPTER_FILE, TARGETS, read_adapter_config
+from mlx_linear.adapters import ADAPTER_FILE, TARGETS, read_adapter_config, read_adapter_weights
 from mlx_linear.errors import UserError
 from mlx_linear.files import atomic_output
 
@@ -41,7 +41,7 @@ def main():
     try:
         scales = parse_scales(args.scale)
         read_adapter_config(args.adapter)  # a one-line error where it is no adapter folder
-        weights = mx.load(str(args.adapter / ADAPTER_FILE))
+        weights = read_adapter_weights(args.adapter)
         scaled = {name: w * next((f for t, f in scales.items() if name.endswith(f"{t}.lora_b")), 1.0)
                   for name, w in weights.items()}  # the delta is x A B: scaling B scales it
         with atomic_output(args.output, args.force) as tmp:

@@ -93,12 +93,18 @@ def fuse_lora(model, dequantize=False, quantized=True) -> int:
     return len(fused)
 
 
-def load_adapter_weights(model, folder, name=ADAPTER_FILE):
-    """Load an adapter's weights into a model that already has its LoRA layers (any subset)."""
+def read_adapter_weights(folder, name=ADAPTER_FILE) -> dict:
+    """An adapter folder's weights by name; a one-line error where the file is missing or damaged."""
     path = Path(folder) / name
     if not path.is_file():
         raise UserError(f"{path} is missing: the training run saved no adapter yet")
-    weights = read_safetensors(path, "copy the adapter again, or train it again")
+    return read_safetensors(path, "copy the adapter again, or train it again")
+
+
+def load_adapter_weights(model, folder, name=ADAPTER_FILE):
+    """Load an adapter's weights into a model that already has its LoRA layers (any subset)."""
+    path = Path(folder) / name
+    weights = read_adapter_weights(folder, name)
     expected = adapter_weights(model)
     unknown = [k for k in weights if k not in expected]
     if unknown:
