@@ -193,15 +193,20 @@ class LinearizedAttention(nn.Module):
         out, cache.state = self.method.step(self, q, k, v, rope, cache)
         return self.project_out(x, out)
 
+    @property
+    def sink_row(self):
+        """The fixed position past which every query reads the sinks (StreamingLLM's)."""
+        return self.window + self.sinks - 1
+
     def step_positions(self):
         """Where a decode step rotates its query: its own position, and the sinks' horizon."""
-        return [None] + ([self.window + self.sinks - 1] if self.sinks else [])
+        return [None] + ([self.sink_row] if self.sinks else [])
 
     def sink_queries(self, q, rotated, offset, rope):
         """Queries for the sink scores: past `window + sinks - 1` every query sees the sinks at
         that fixed distance, as if they lay just before its window (StreamingLLM's positions in
         the cache), so no query is ever further from them than at that position."""
-        horizon, L = self.window + self.sinks - 1, q.shape[2]
+        horizon, L = self.sink_row, q.shape[2]
         if not self.sinks or offset + L - 1 <= horizon:
             return None
         fixed = rope.fixed(q, horizon)

@@ -102,7 +102,7 @@ def liger_step(method, attention, q, k, v, rope, cache, eps):
     mix = method.mix_weight()
     mix = mix.reshape(H) if isinstance(mix, mx.array) else mx.array(np.full(H, mix, np.float32))
     sinks = attention.sinks
-    sink_rot = rope.tables.fixed[attention.window + sinks - 1].multipliers if sinks else cache.rotation.multipliers
+    sink_rot = rope.tables.fixed[attention.sink_row].multipliers if sinks else cache.rotation.multipliers
     y, state, cache.keys, cache.values = kernel(
         inputs=[q, qf, k, kf, v, cache.keys, cache.values, state, cache.rotation.multipliers, sink_rot, mix,
                 cache.slot.reshape(1), scalar(attention.scale), scalar(1 / method.gate_normalizer), scalar(eps)],
