@@ -5,7 +5,7 @@
 // candidate with a better-ranked copy: key and value cosines above it, one of the two a block key);
 // the SLOTS best ranked (the larger error first, ties to the earlier) form the new cache in their
 // order, the eligible among them kept; every other candidate enters the state, decayed since it
-// left the window: S' = 2^... S + sum w_c phi(k_c)^T [v_c, 1].
+// left the window: S' = 2^... S + sum w_c phi(k_c)^T [v_c, 1] (the sinks only with SINK_STATE).
 // One threadgroup per (batch, KV head); launch: grid (32, NSG, B * HKV), threadgroup (32, NSG, 1).
 uint lane = thread_index_in_simdgroup;
 uint sg = simdgroup_index_in_threadgroup;
@@ -50,7 +50,7 @@ for (int c = sg; c < NC; c += NSG) {
   if (lane == 0) {
     score[c] = ok ? error : -INFINITY;
     eligible[c] = ok;
-    weight[c] = metal::exp(log_decay[0] * (start_ - C - p));
+    weight[c] = SINK_STATE || p >= S ? metal::exp(log_decay[0] * (start_ - C - p)) : 0.0f;  // the sinks: the window reads them
     key_norm[c] = key_part, value_norm[c] = value_part;
   }
 }

@@ -6,7 +6,8 @@
 //   scored from C + r) and the cache's (slot j at position j SPAN / SLOTS, read from 2C + SPAN), under
 //   LoLCATs' shared denominator:
 //   y = (w sum e^(s - M) v + e^(top - M) num) / (w sum e^(s - M) + e^(top - M) den), top the ring's max.
-// RoPE: `rot` at the token's position, `table` at fixed positions (rows 0 .. 2C + SPAN at least).
+// RoPE: `rot` at the token's position, `sink_rot` at the sinks' row, `table` at fixed positions
+// (rows 0 .. 2C + SPAN at least).
 // Writes the ring buffer and the block buffer (raw key, value, key features at C + r) anew.
 // One threadgroup per (batch, KV head); launch: grid (32, NSG, B * HKV), threadgroup (32, NSG, 1).
 uint lane = thread_index_in_simdgroup;
@@ -33,10 +34,11 @@ if (sg == 0) {
 }
 for (int r = sg; r < R; r += NSG) {
   auto q_ = q + (size_t(n) * R + r) * Dk;
-  int rows[4] = {0, N - 1, C + r_, 2 * C + SPAN};
+  int rows[4] = {0, 0, C + r_, 2 * C + SPAN};  // the first two: rot, sink_rot
   for (int i = lane; i < Dk; i += 32) {
     for (int p = 0; p < 4; ++p) {
-      q_rows[(r * 4 + p) * Dk + i] = rotated<Dk, TRADITIONAL>(q_, p == 0 ? rot : table + rows[p] * 2 * Dk, 0, i) * scale[0];
+      auto at = p == 0 ? rot : p == 1 ? sink_rot : table + rows[p] * 2 * Dk;
+      q_rows[(r * 4 + p) * Dk + i] = rotated<Dk, TRADITIONAL>(q_, at, 0, i) * scale[0];
     }
     q_in[r * Dk + i] = AFTER_ROPE ? rotated<Dk, TRADITIONAL>(q_, rot, 0, i) : static_cast<float>(q_[i]);
   }

@@ -9,21 +9,21 @@ when the question has been read. The original (mlx-lm, full attention) answers t
     python bench/needle_cache.py --lengths 8k,32k --rules "shipped;before:long_slots=0,cache_unique=0"
     python bench/needle_cache.py --task niah_multikey --lengths 1k,2k --original-up-to 0
     python bench/needle_cache.py --task niah_multikey --lengths 1k,2k,4k --documents 12 --rules shipped
-    python bench/needle_cache.py --task niah_multikey --lengths 1k,2k --documents 8 --sinks-at-true-distance \
+    python bench/needle_cache.py --task niah_multikey --lengths 1k,2k --documents 8 --sink-horizon 8191 \
         --adapter /tmp/no-lora --rules "every key:horizon=0,slots=2048,cache_span=2048,cache_unique=0"
 
-A rule is `name:option=value,...` (LoLA's slots, horizon, long_slots, cache_unique, cache_half_life, cache_span) over the adapter's
+A rule is `name:option=value,...` (LoLA's slots, horizon, long_slots, cache_unique, cache_half_life, cache_span,
+sinks_in_state) over the adapter's
 conversion.json; a name alone is that conversion as it is. `--adapter`: another LoLCATs/LoLA
 adapter folder with its conversion.json (a training run's folder, once one is written there).
 `--task`: another retrieval task of `eval` (RULER's `niah_multikey`, ...): its needle is the
 answer's tokens; a haystack of text (`niah_multikey:wikitext2`) is read from --data-dir.
-`--sinks-at-true-distance`: an experiment, the converted models read the sinks where the original
-does (the product reads them at a fixed distance once past the window). Writes bench/results/needle_cache.json.
+`--sink-horizon N`: every rule converted with `convert --sink-horizon N` (8191: the sinks read where
+they lie, as the original reads them, to SmolLM2's context). Writes bench/results/needle_cache.json.
 """
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -35,7 +35,6 @@ import numpy as np  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 import mlx_linear  # noqa: E402
-from mlx_linear.attention import LinearizedAttention  # noqa: E402
 from mlx_linear.chat.model import CONVERSION_FILE, bundled_adapter  # noqa: E402
 from mlx_linear.convert import bundled_model  # noqa: E402
 from mlx_linear.convert.cli import parse_options  # noqa: E402
@@ -55,15 +54,6 @@ def parse_rules(text):
         name, _, options = part.partition(":")
         rules.append((name, parse_options([o for o in options.split(",") if o])))
     return rules
-
-
-def read_sinks_at_true_distance():
-    """An experiment: every query reads the sinks at their true distance, as the original does
-    (the product reads them at `window + sinks - 1` once past it, StreamingLLM's positions). The
-    ops path only: the fused step kernels keep the fixed distance, so they are switched off."""
-    os.environ["MLX_LINEAR_KERNELS"] = "0"
-    LinearizedAttention.sink_queries = lambda self, q, rotated, offset, rope: None  # each query's own rotation
-    LinearizedAttention.step_positions = lambda self: [None, None] if self.sinks else [None]
 
 
 def greedy(model, tokens, steps):
@@ -121,6 +111,8 @@ def converted_rules(args):
     if not conversion_file.is_file():
         raise UserError(f"--adapter {adapter}: no {CONVERSION_FILE} there; give an adapter folder that has one (the chat's does)")
     conversion = json.loads(conversion_file.read_text())
+    if args.sink_horizon is not None:
+        conversion["sink_horizon"] = args.sink_horizon
     rules = {name: (options, bundled_model(**{**conversion, "options": {**conversion.get("options", {}), **options}}))
              for name, options in parse_rules(args.rules)}
     return adapter, conversion, rules
@@ -136,8 +128,7 @@ def main():
     parser.add_argument("--task", default="passkey", help="a retrieval task of eval: passkey, niah_multikey, ...")
     parser.add_argument("--documents", type=int, help="documents a length [the task's own, 4]: more for a finer share")
     parser.add_argument("--data-dir", type=Path, default=SHARED_DATA, help="where a text haystack is read [../shared/data]")
-    parser.add_argument("--sinks-at-true-distance", action="store_true",
-                        help="an experiment: the converted models read the sinks where the original does")
+    parser.add_argument("--sink-horizon", type=int, help="convert every rule with this --sink-horizon [the adapter's]")
     parser.add_argument("--name", default="needle_cache")
     args = parser.parse_args()
     try:
@@ -155,9 +146,6 @@ def main():
     except UserError as error:
         parser.error(str(error))
     result = {"task": task.name, "adapter": str(adapter), "conversion": conversion, "lengths": task.lengths, "rules": {}}
-    if args.sinks_at_true_distance:
-        read_sinks_at_true_distance()
-        result["sinks"] = "true distance"
     original, tokenizer = mlx_linear.load(bundled_model("none"))
     documents = list(task.documents(args.data_dir, Scorer(original, tokenizer)))
     result["original"] = run(original, tokenizer, [d for d in documents if d["length"] <= args.original_up_to], "original")

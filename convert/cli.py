@@ -31,6 +31,9 @@ def parse_options(pairs):
 @click.option("--window", default=64, show_default=True, type=click.IntRange(1), help="Sliding-window size.")
 @click.option("--sinks", default=0, show_default=True, type=click.IntRange(0),
               help="First tokens every query also attends (attention sinks; kept in the cache).")
+@click.option("--sink-horizon", default=0, show_default=True, type=click.IntRange(0),
+              help="Past this position queries read the sinks from it, before it at their true distance "
+                   "(e.g. the model's context - 1); 0: window + sinks - 1 (StreamingLLM's).")
 @click.option(
     "--full-attention-every", default=0, type=click.IntRange(0), help="Keep every N-th layer as softmax (Liger-H)."
 )
@@ -41,8 +44,8 @@ def parse_options(pairs):
 @click.option("--q-group-size", default="64", show_default=True, type=click.Choice(["32", "64", "128"]))
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), help="Stored dtype [source's].")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def convert(hf_source, gguf, output, method, window, sinks, full_attention_every, method_options, quantize, q_bits, q_group_size,
-            dtype, force):
+def convert(hf_source, gguf, output, method, window, sinks, sink_horizon, full_attention_every, method_options, quantize, q_bits,
+            q_group_size, dtype, force):
     """Convert a checkpoint; with no --hf/--gguf, the bundled SmolLM2-135M-Instruct."""
     import mlx.core as mx
 
@@ -55,6 +58,7 @@ def convert(hf_source, gguf, output, method, window, sinks, full_attention_every
         method=method,
         window=window,
         sinks=sinks,
+        sink_horizon=sink_horizon,
         full_attention_every=full_attention_every,
         options=parse_options(method_options),
         quantize=quantize,

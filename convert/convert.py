@@ -87,6 +87,15 @@ def check_options(method, options):
             raise UserError(f"method {method} option {name}={value!r}: give a number, e.g. {name}={default}")
 
 
+def check_sink_horizon(sink_horizon, window, sinks):
+    """Sinks read from nearer than StreamingLLM's row would have left the window's trained range."""
+    if sink_horizon and not sinks:
+        raise UserError(f"--sink-horizon {sink_horizon} needs sinks: add --sinks N (e.g. 4), or drop --sink-horizon")
+    if 0 < sink_horizon < window + sinks - 1:
+        raise UserError(f"--sink-horizon {sink_horizon} is inside the window: give 0 or at least window + sinks - 1 "
+                        f"({window + sinks - 1})")
+
+
 def build_model(config, weights):
     try:
         base_architecture(config.get("model_type", "?"))
@@ -122,6 +131,7 @@ def convert(
     method="liger-gla",
     window=64,
     sinks=0,
+    sink_horizon=0,
     full_attention_every=0,
     options=None,
     quantize=False,
@@ -134,11 +144,13 @@ def convert(
     """Write a converted model to `output`; returns its path. `method="none"` keeps softmax."""
     start = time.perf_counter()
     output = prepare_model_output(output, force, sources=(hf_source, gguf))
+    if method != "none":  # before the reading, which can take minutes
+        check_options(method, options or {})
+        check_sink_horizon(sink_horizon, window, sinks)
     log(f"reading {hf_source or gguf or 'the bundled SmolLM2-135M-Instruct GGUF'}")
     config, weights, tokenizer, source_dtype, folder = read_source(hf_source, gguf, log)
     if method != "none":
-        check_options(method, options or {})
-        config["linearization"] = asdict(Linearization(method, window, sinks, full_attention_every, options or {}))
+        config["linearization"] = asdict(Linearization(method, window, sinks, sink_horizon, full_attention_every, options or {}))
     log(f"building {config['model_type']} ({len(weights)} tensors), method {method}")
     model = build_model(config, weights)
     # The model holds what it needs: kept here, every source tensor read while writing would

@@ -56,7 +56,7 @@ class Rope:
         return self.tables.fixed[at : at + length] if at + length <= self.tables.size else None
 
     def fixed(self, x, at):
-        if self.tables is not None:
+        if self.tables is not None and at < self.tables.size:
             return self.tables.fixed[at].rotate(x)
         return self.rope(x[..., None, :], offset=at)[..., 0, :]
 
@@ -69,11 +69,13 @@ class Rope:
         return mx.moveaxis(rotated.reshape(moved.shape), 0, -2)
 
     def rows(self, x, positions):
-        """One token's x (..., 1, d) at each of `positions` (None: the offset; else fixed, an int or
-        a decode step's array): (..., 1, P, d), in one elementwise op where the tables serve."""
+        """One token's x (..., 1, d) at each of `positions` (None: the offset; a Rotation; else fixed,
+        an int or a decode step's array): (..., 1, P, d), in one elementwise op where the tables serve."""
         if self.tables is None or (self.rotation is None and None in positions):
-            return mx.stack([self(x) if p is None else self.fixed(x, per_row(p)) for p in positions], axis=-2)
-        rows = [self.rotation if p is None else self.tables.fixed[p.reshape(-1, 1, 1) if is_per_row(p) else p] for p in positions]
+            return mx.stack([self(x) if p is None else p.rotate(x) if isinstance(p, Rotation) else self.fixed(x, per_row(p))
+                             for p in positions], axis=-2)
+        rows = [self.rotation if p is None else p if isinstance(p, Rotation) else
+                self.tables.fixed[p.reshape(-1, 1, 1) if is_per_row(p) else p] for p in positions]
         multipliers = [r.multipliers for r in rows]
         if len({m.shape for m in multipliers}) > 1:  # a batch's rows at their own positions
             multipliers = mx.broadcast_arrays(*multipliers)
@@ -90,7 +92,7 @@ def per_row(position):
 
 
 class LinearizedAttention(nn.Module):
-    def __init__(self, attention: nn.Module, method: type, options: dict, window: int, sinks: int = 0):
+    def __init__(self, attention: nn.Module, method: type, options: dict, window: int, sinks: int = 0, sink_horizon: int = 0):
         super().__init__()
         for name in PRETRAINED:
             if hasattr(attention, name):
@@ -101,6 +103,7 @@ class LinearizedAttention(nn.Module):
         self.scale = attention.scale
         self.window = window
         self.sinks = sinks
+        self.sink_horizon = sink_horizon  # 0: StreamingLLM's, just before the window (sink_row)
         head_dim = self.q_proj.weight.shape[0] // self.n_heads
         self.method = method(self, **options)  # it reads the geometry above: heads, dims, window
         # The fixed positions read: the sinks' horizon, and the method's (LoLA's block and cache rows).
@@ -171,7 +174,7 @@ class LinearizedAttention(nn.Module):
         cache.start_steps(self.method, rows)
         offset, slot = cache.positions(rows)
         rotation = self.rotary.at(offset) if self.rotary is not None else None
-        step = StepCache(*cache.rows_of(rows), offset, slot, rotation)
+        step = StepCache(*cache.rows_of(rows), offset, slot, rotation, sink_rotation=self.sink_rotation(offset))
         out = self.decode_step(x, step)
         cache.put_rows(rows, step.state, step.keys, step.values)
         return out
@@ -195,17 +198,29 @@ class LinearizedAttention(nn.Module):
 
     @property
     def sink_row(self):
-        """The fixed position past which every query reads the sinks (StreamingLLM's)."""
-        return self.window + self.sinks - 1
+        """The fixed position past which every query reads the sinks: `sink_horizon`, or by default
+        StreamingLLM's, as if they lay just before its window. Before it, their true distance."""
+        return self.sink_horizon or self.window + self.sinks - 1
 
-    def step_positions(self):
-        """Where a decode step rotates its query: its own position, and the sinks' horizon."""
-        return [None] + ([self.sink_row] if self.sinks else [])
+    def sink_rotation(self, offset):
+        """A decode step's rotation of its sink query, at min(offset, sink_row): a constant where
+        every step lies past the sink row (decoding starts with the ring full), else one a step."""
+        if not self.sinks or self.rotary is None:
+            return None
+        if self.sink_row < self.window + self.sinks:
+            return self.rotary.fixed[self.sink_row]
+        return self.rotary.at(mx.minimum(offset, self.sink_row))
+
+    def step_positions(self, cache):
+        """Where a decode step rotates its query: its own position, and the sinks' (the step's
+        sink rotation, or where no tables serve its position)."""
+        if not self.sinks:
+            return [None]
+        return [None, cache.sink_rotation if cache.sink_rotation is not None else mx.minimum(cache.offset, self.sink_row)]
 
     def sink_queries(self, q, rotated, offset, rope):
-        """Queries for the sink scores: past `window + sinks - 1` every query sees the sinks at
-        that fixed distance, as if they lay just before its window (StreamingLLM's positions in
-        the cache), so no query is ever further from them than at that position."""
+        """Queries for the sink scores: past `sink_row` every query sees the sinks at that fixed
+        distance, so no query is ever further from them than at that position."""
         horizon, L = self.sink_row, q.shape[2]
         if not self.sinks or offset + L - 1 <= horizon:
             return None

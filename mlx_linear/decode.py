@@ -19,12 +19,13 @@ from .batch import BatchLinearCache
 
 class StepCache:
     """One layer's cache inside the compiled step: arrays only, no Python positions. `rotation`:
-    RoPE at the step's position (rotary.Rotation, or None), computed once for every layer;
-    `kind`: the method's kind of step (LoLA's block boundaries), a Python value fixed at tracing."""
+    RoPE at the step's position (rotary.Rotation, or None), computed once for every layer, and
+    `sink_rotation` the sinks' (attention.sink_rotation); `kind`: the method's kind of step (LoLA's
+    block boundaries), a Python value fixed at tracing."""
 
-    def __init__(self, state, keys, values, offset, slot, rotation=None, kind=None):
+    def __init__(self, state, keys, values, offset, slot, rotation=None, kind=None, sink_rotation=None):
         self.state, self.keys, self.values, self.offset, self.slot = state, keys, values, offset, slot
-        self.rotation, self.kind = rotation, kind
+        self.rotation, self.kind, self.sink_rotation = rotation, kind, sink_rotation
 
     def write(self, k, v):
         self.keys, self.values = write_at(self.keys, k, self.slot), write_at(self.values, v, self.slot)
@@ -80,9 +81,10 @@ def step_function(model, kind=None):
 
 def run_step(model, tokens, offset, slot, arrays, kind=None):
     """The step's function (compiled by step_function): the step's RoPE once for every layer."""
-    tables = model.layers[0].self_attn.rotary  # every layer's RoPE is the same
-    rotation = tables.at(offset) if tables is not None else None
-    caches = [StepCache(state, keys, values, offset, slot, rotation, kind) for state, keys, values in arrays]
+    attention = model.layers[0].self_attn  # every layer's RoPE and sinks are the same
+    rotation = attention.rotary.at(offset) if attention.rotary is not None else None
+    sinks = attention.sink_rotation(offset)
+    caches = [StepCache(state, keys, values, offset, slot, rotation, kind, sinks) for state, keys, values in arrays]
     logits = model(tokens, cache=caches)
     return logits, [(c.state, c.keys, c.values) for c in caches]
 

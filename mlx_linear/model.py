@@ -39,6 +39,7 @@ class Linearization:
     method: str = "liger-gla"
     window: int = 64
     sinks: int = 0  # first tokens every query also attends (StreamingLLM's attention sinks)
+    sink_horizon: int = 0  # past it, queries read the sinks from it (0: window + sinks - 1, StreamingLLM's)
     full_attention_every: int = 0  # Liger-H: every N-th layer (N-1, 2N-1, ...) keeps softmax
     options: Dict[str, Any] = field(default_factory=dict)  # method-specific
 
@@ -74,7 +75,7 @@ class Model(nn.Module):
         for i, layer in enumerate(self.layers):
             if lin.is_linear(i):
                 attn = layer.self_attn
-                layer.self_attn = LinearizedAttention(attn, method, lin.options, lin.window, lin.sinks)
+                layer.self_attn = LinearizedAttention(attn, method, lin.options, lin.window, lin.sinks, lin.sink_horizon)
         self.linear_layers = [lin.is_linear(i) for i in range(len(self.layers))]
         self.full_index = self.linear_layers.index(False) if False in self.linear_layers else None
         self.softmax_everywhere = False

@@ -71,14 +71,15 @@ def copies(keys, values, score, C, threshold):
     return has_copy | mx.pad(in_cache_copy, [(0, 0)] * (in_cache_copy.ndim - 1) + [(N - C, 0)])
 
 
-def boundary(S, cache, block, start, sinks, log_decay, horizon=0, age_decay=0.0, unique=0.0, long_slots=0):
+def boundary(S, cache, block, start, sinks, log_decay, horizon=0, age_decay=0.0, unique=0.0, long_slots=0, sink_state=True):
     """The boundary of the block that starts at position `start`: the cache and the block two
     back (all of it out of the window now) are ranked, the `slots` worst recalled stay in the
     cache, the rest enter S, which is then the state of keys up to start - C, as of start - C.
     With a `horizon`, keys more than that many positions back leave the cache whatever their rank,
     but for the `long_slots` best ranked of them; with an `age_decay` (< 0, per token), a key's
     score is its error decayed by its age, so that only a key the state recalls far worse than the
-    new ones stays long. With `unique` (a cosine), a key with a better-ranked copy enters the state."""
+    new ones stays long. With `unique` (a cosine), a key with a better-ranked copy enters the state.
+    The sinks enter it only with `sink_state` (the window reads them exactly anyway)."""
     keys, values, features, positions = (mx.concatenate(pair, axis=2) for pair in zip(cache, block))
     slots, C, groups = cache[0].shape[2], block[0].shape[2], features.shape[1] // keys.shape[1]
     old = (positions < start - horizon) if horizon else mx.zeros(positions.shape, dtype=mx.bool_)
@@ -100,7 +101,8 @@ def boundary(S, cache, block, start, sinks, log_decay, horizon=0, age_decay=0.0,
     keep = mx.sort(top + N * mx.take_along_axis(eligible, top, axis=-1), axis=-1) % N
     stays = mx.take_along_axis(eligible, keep, axis=-1)
     cached = (mx.argsort(order, axis=-1) < slots) & eligible
-    weight = mx.where(cached, 0.0, exp(log_decay * (start - C - positions)))  # decayed since it left the window
+    unwritten = cached if sink_state else cached | (positions < sinks)
+    weight = mx.where(unwritten, 0.0, exp(log_decay * (start - C - positions)))  # decayed since it left the window
     written = (features * mx.repeat(weight, groups, axis=1)[..., None]).swapaxes(-1, -2)
     S = exp(log_decay * C) * S + written @ mx.repeat(with_ones(values), groups, axis=1)
     picked = [mx.take_along_axis(x, mx.repeat(keep, x.shape[1] // keep.shape[1], axis=1)[..., None], axis=2)
@@ -192,7 +194,7 @@ def step_ops(method, attention, q, k, v, rope, cache, state):
     q_features, k_features, _ = method.feature_maps(q, k, v, rope)
     buffered = [write_at(old, new, C + r) for old, new in zip(state[1:4], (k, v.astype(mx.float32), k_features))]
     keys, values, spans, visible = exact_keys(method, attention, rope, cache, buffered, state, o, r)
-    queries = rope.rows(q, attention.step_positions() + [C + r, method.far_row])
+    queries = rope.rows(q, attention.step_positions(cache) + [C + r, method.far_row])
     scores = mx.where(visible[:, :, None, None], step_scores(queries, keys, method.scale, spans), -mx.inf)
     in_window = mx.array(np.arange(keys.shape[2]) < cache.keys.shape[2])
     top, both = mx.where(in_window, scores, -mx.inf).max(-1, keepdims=True), scores.max(-1, keepdims=True)
@@ -213,7 +215,7 @@ def exact_keys(method, attention, rope, cache, buffered, state, o, r):
     C, ring, kept_at = method.window, cache.keys.shape[2], state[7]
     keys = mx.concatenate([cache.keys.astype(mx.float32), rope(buffered[0][:, :, :C], 0), rope.along(state[4], method.slot_rows)], axis=2)
     values = mx.concatenate([cache.values.astype(mx.float32), buffered[1][:, :, :C], state[5]], axis=2)
-    rows = len(attention.step_positions())
+    rows = 1 + bool(attention.sinks)  # the query rows before the pending block's: its own, the sinks'
     spans = ([(1, 0, method.sinks)] if method.sinks else []) + [(rows, ring, ring + C), (rows + 1, ring + C, keys.shape[2])]
     column = np.arange(C)
     pending = (mx.array(column) <= r) & (o - r - C + mx.array(column.astype(np.float32)) >= method.sinks)

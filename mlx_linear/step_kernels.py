@@ -33,7 +33,7 @@ SPECS = {
     "lola": dict(
         name="lola_step",
         input_names=["q", "k", "v", "q_map", "k_map", "keys", "values", "block_keys", "block_values", "block_features",
-                     "state", "cache_keys", "cache_values", "cache_positions", "rot", "table", "window_weight", "offset",
+                     "state", "cache_keys", "cache_values", "cache_positions", "rot", "sink_rot", "table", "window_weight", "offset",
                      "slot", "scale", "log_decay"],
         output_names=["y", "keys_out", "values_out", "block_keys_out", "block_values_out", "block_features_out"],
         source=_source("lola_step.metal"),
@@ -102,7 +102,7 @@ def liger_step(method, attention, q, k, v, rope, cache, eps):
     mix = method.mix_weight()
     mix = mix.reshape(H) if isinstance(mix, mx.array) else mx.array(np.full(H, mix, np.float32))
     sinks = attention.sinks
-    sink_rot = rope.tables.fixed[attention.sink_row].multipliers if sinks else cache.rotation.multipliers
+    sink_rot = (cache.sink_rotation if sinks else cache.rotation).multipliers
     y, state, cache.keys, cache.values = kernel(
         inputs=[q, qf, k, kf, v, cache.keys, cache.values, state, cache.rotation.multipliers, sink_rot, mix,
                 cache.slot.reshape(1), scalar(attention.scale), scalar(1 / method.gate_normalizer), scalar(eps)],
@@ -128,11 +128,12 @@ def lola_step(method, attention, q, k, v, rope, state, cache):
     if kernel is None or cache.rotation is None or 4 * floats > THREADGROUP_BYTES:
         return None
     S, block_keys, block_values, block_features, cache_keys, cache_values, _, positions = state
+    sink_rotation = cache.sink_rotation if method.sinks else cache.rotation
     outputs = kernel(
         inputs=[x.reshape(B, x.shape[1], -1) for x in (q, k, v)] + [method.q_map, method.k_map, cache.keys, cache.values,
                 block_keys, block_values, block_features, S, cache_keys, cache_values, positions, cache.rotation.multipliers,
-                rope.tables.fixed.multipliers, mx.sigmoid(method.window_logit).reshape(H), cache.offset.reshape(1),
-                cache.slot.reshape(1), scalar(method.scale), scalar(method.log_decay)],
+                sink_rotation.multipliers, rope.tables.fixed.multipliers, mx.sigmoid(method.window_logit).reshape(H),
+                cache.offset.reshape(1), cache.slot.reshape(1), scalar(method.scale), scalar(method.log_decay)],
         template=[("Dk", d), ("F", 2 * f), ("FH", f), ("N", N), ("C", C), ("SLOTS", slots), ("SPAN", method.cache_span),
                   ("R", R), ("HKV", Hkv), ("S", method.sinks), ("NSG", SIMDGROUPS), ("TRADITIONAL", rope.tables.traditional),
                   ("AFTER_ROPE", bool(method.after_rope))],
@@ -145,7 +146,7 @@ def lola_step(method, attention, q, k, v, rope, state, cache):
     return y.reshape(B, H, 1, d), [S, *blocks, *state[4:]]
 
 
-def lola_boundary(ops, S, cache, block, start, sinks, log_decay, horizon, age_decay=0.0, unique=0.0, long_slots=0):
+def lola_boundary(ops, S, cache, block, start, sinks, log_decay, horizon, age_decay=0.0, unique=0.0, long_slots=0, sink_state=True):
     """`ops` (sparse.boundary) in one launch where a GPU kernel serves, else None (also with an
     `age_decay`: the kernel ranks by error alone). Differentiable: its gradients are those of
     `ops`, recomputed (training on a GPU)."""
@@ -160,7 +161,7 @@ def lola_boundary(ops, S, cache, block, start, sinks, log_decay, horizon, age_de
         S, *kept = kernel(
             inputs=[S, *cache, *block, start.reshape(1), scalar(log_decay), scalar(unique)],
             template=[("Dk", d), ("F", F), ("SLOTS", slots), ("C", C), ("R", H // Hkv), ("S", sinks),
-                      ("HORIZON", horizon), ("LONG", long_slots), ("NSG", SIMDGROUPS)],
+                      ("HORIZON", horizon), ("LONG", long_slots), ("SINK_STATE", bool(sink_state)), ("NSG", SIMDGROUPS)],
             grid=(32, SIMDGROUPS, B * Hkv),
             threadgroup=(32, SIMDGROUPS, 1),
             output_shapes=[S.shape] + [x.shape for x in cache],
@@ -173,7 +174,8 @@ def lola_boundary(ops, S, cache, block, start, sinks, log_decay, horizon, age_de
         (S, cache, block, start), (dS, dcache) = primals, cotangents
         # Positions and the start choose the cache (through argsort): no gradient flows into them.
         def differentiable(S, *parts):
-            S, kept = ops(S, (*parts[:3], cache[3]), [*parts[3:], block[3]], start, sinks, log_decay, horizon, 0.0, unique, long_slots)
+            rule = (sinks, log_decay, horizon, 0.0, unique, long_slots, sink_state)
+            S, kept = ops(S, (*parts[:3], cache[3]), [*parts[3:], block[3]], start, *rule)
             return [S, *kept[:3]]
 
         grads = mx.vjp(differentiable, [S, *cache[:3], *block[:3]], [dS, *dcache[:3]])[1]

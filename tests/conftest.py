@@ -94,9 +94,9 @@ def cache_bytes(model, lengths=(20, 300)):
     return sizes
 
 
-def reference_window(attn, x, window, sinks=0):
+def reference_window(attn, x, window, sinks=0, sink_horizon=0):
     """The window branch, token by token: softmax attention over the last `window` keys and the
-    first `sinks`, seen from at most window + sinks - 1 positions away (StreamingLLM)."""
+    first `sinks`, seen from at most `sink_horizon` (0: window + sinks - 1, StreamingLLM's) positions away."""
     H, Hkv = attn.n_heads, attn.n_kv_heads
     q, k, v = attn.project(x)  # the pretrained projections (and Qwen3 norms), per head
     k, v = mx.repeat(k, H // Hkv, axis=1), mx.repeat(v, H // Hkv, axis=1)
@@ -106,7 +106,7 @@ def reference_window(attn, x, window, sinks=0):
         recent = list(range(max(0, t - window + 1), t + 1))
         seen = [u for u in range(min(sinks, t + 1)) if u not in recent] + recent
         keys, values = kr[:, :, mx.array(seen)], v[:, :, mx.array(seen)]
-        q_sink = attn.rope(q[:, :, t : t + 1], offset=min(t, window + sinks - 1))
+        q_sink = attn.rope(q[:, :, t : t + 1], offset=min(t, sink_horizon or window + sinks - 1))
         queries = [q_sink] * (len(seen) - len(recent)) + [qr[:, :, t : t + 1]] * len(recent)
         scores = mx.concatenate([qi @ keys[:, :, i : i + 1].swapaxes(-1, -2) for i, qi in enumerate(queries)], -1)
         scores = scores[:, :, 0] * d**-0.5

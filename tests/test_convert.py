@@ -38,7 +38,8 @@ def test_method_none_matches_mlx_lm(hf_checkpoints, tmp_path, model_type):
 def test_liger_converts_and_runs(hf_checkpoints, tmp_path, model_type, method):
     out = quiet(tmp_path / "liger", hf_source=str(hf_checkpoints[model_type]), full_attention_every=2, method=method)
     config = json.loads((out / "config.json").read_text())
-    assert config["linearization"] == {"method": method, "window": 64, "sinks": 0, "full_attention_every": 2, "options": {}}
+    assert config["linearization"] == {"method": method, "window": 64, "sinks": 0, "sink_horizon": 0, "full_attention_every": 2,
+                                       "options": {}}
     model, _ = mlx_linear.load(out)
     logits = model(TOKENS)
     assert logits.shape == (1, TOKENS.shape[1], TINY["vocab_size"]) and mx.isfinite(logits).all().item()
@@ -316,7 +317,9 @@ def test_mismatched_weights_are_a_user_error(tmp_path):
     ("lolcats", "feature_dim=100", ["feature_dim=100", "whole number to"]),
     ("lola", "slots=0", ["slots=0", "whole number"]),
     ("lola", "half_life=-1", ["half_life=-1", "number of tokens"]),
-    ("lola", "mix=0.5", ["no option 'mix'", "slots, horizon, long_slots, cache_half_life, cache_span, cache_unique, window_factor"]),
+    ("lola", "mix=0.5", ["no option 'mix'",
+                         "slots, horizon, long_slots, cache_half_life, cache_span, cache_unique, sinks_in_state, window_factor"]),
+    ("lola", "sinks_in_state=1", ["sinks_in_state=1", "true or false"]),
     ("lola", "cache_half_life=-1", ["cache_half_life=-1", "number of tokens"]),
     ("lola", "cache_span=-1", ["cache_span=-1", "whole number of positions"]),
     ("lola", "cache_unique=1", ["cache_unique=1", "a cosine"]),

@@ -21,6 +21,8 @@ RECIPES = {
     "lolcats chat recipe": {"method": "lolcats", "sinks": 2, "options": {"after_rope": False, "half_life": 256}},
     "lolcats wider maps": {"method": "lolcats", "sinks": 2, "options": {"after_rope": False, "half_life": 256, "feature_dim": 16}},
     "lola sinks": {"method": "lola", "sinks": 2, "options": {"slots": 3}},
+    "lola sinks where they lie": {"method": "lola", "sinks": 2, "sink_horizon": 20, "options": {"slots": 3, "sinks_in_state": False}},
+    "liger-gla sinks where they lie": {**CHAT, "sink_horizon": 20},
     "supra": {"method": "supra"},
     "supra sinks": {"method": "supra", "sinks": 3},
     "liger-hgrn2": {"method": "liger-hgrn2"},

@@ -134,6 +134,14 @@ def test_unwritable_outputs_fail_before_the_work(liger, adapter, tmp_path, immut
             assert_one_line_error(invoke(*command), str(where / "o"), *words)
 
 
+def test_a_sink_horizon_without_sinks_or_inside_the_window_is_refused(hf_checkpoints, tmp_path):
+    source = ["convert", "--hf", hf_checkpoints["llama"], "--window", 8]
+    assert_one_line_error(invoke(*source, "--sink-horizon", 100, "-o", tmp_path / "a"), "needs sinks", "--sinks N")
+    assert_one_line_error(invoke(*source, "--sinks", 2, "--sink-horizon", 5, "-o", tmp_path / "b"), "inside the window", "(9)")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert invoke(*source, "--sinks", 2, "--sink-horizon", 9, "-o", tmp_path / "c").exit_code == 0
+
+
 def test_importing_mlx_first_warns_about_the_lost_blas(monkeypatch, capsys):
     assert "mlx.core" in sys.modules
     monkeypatch.setattr(_blas, "CANDIDATES", ("libnot-a-blas.so", "libm.so.6"))  # libm stands in for OpenBLAS

@@ -20,6 +20,7 @@ RECIPES = {
     "liger-gsa": dict(method="liger-gsa"),
     "lola-sinks": dict(method="lola", sinks=4, options={"slots": 4, "horizon": 24}),
     "lolcats-sinks": dict(method="lolcats", sinks=2),
+    "lola-sink-horizon": dict(method="lola", sinks=4, sink_horizon=30, options={"slots": 4, "horizon": 24, "sinks_in_state": False}),
     "liger-gla-full-every-2": dict(method="liger-gla", full_attention_every=2),
 }
 

@@ -9,8 +9,8 @@ from conftest import TINY, assert_pieces_match_one_forward, cache_bytes, tiny_mo
 WINDOW = 8
 
 
-def lolcats_model(model_type="llama", sinks=0, method="lolcats", seed=0, **options):
-    model = tiny_model(model_type, method=method, sinks=sinks, seed=seed, options=options)
+def lolcats_model(model_type="llama", sinks=0, method="lolcats", seed=0, sink_horizon=0, **options):
+    model = tiny_model(model_type, method=method, sinks=sinks, seed=seed, sink_horizon=sink_horizon, options=options)
     for layer in model.layers:  # move the maps and factors off their initial values
         method = layer.self_attn.method
         method.q_map = method.q_map + 0.3 * mx.random.normal(method.q_map.shape)

@@ -15,7 +15,7 @@ def hgrn2_gates(k):
     return mx.sigmoid(k), 1 - mx.sigmoid(k)
 
 
-def reference_liger(attn, x, window, sinks=0, normalize=False, mix=0.5, maps=None, gate_normalizer=16, gates=None):
+def reference_liger(attn, x, window, sinks=0, normalize=False, mix=0.5, maps=None, gate_normalizer=16, gates=None, sink_horizon=0):
     """Section 1 of the design file, token by token, with explicit GQA repetition. `gates`: k -> (gate,
     key feature) for the other gate forms (Liger-GLA's otherwise)."""
     B, L, _ = x.shape
@@ -35,16 +35,17 @@ def reference_liger(attn, x, window, sinks=0, normalize=False, mix=0.5, maps=Non
         if normalize:
             linear = linear / ((fq[:, :, t] * z).sum(-1, keepdims=True) + 1e-6)
         outputs.append(linear)
-    return mixed_output(attn, mx.stack(outputs, axis=2), reference_window(attn, x, window, sinks), mix)
+    return mixed_output(attn, mx.stack(outputs, axis=2), reference_window(attn, x, window, sinks, sink_horizon), mix)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("sinks", [0, 3])
-def test_attention_follows_the_design(model_type, sinks):
-    model = tiny_model(model_type, sinks=sinks)
+@pytest.mark.parametrize("sinks,sink_horizon", [(0, 0), (3, 0), (3, 20)])
+def test_attention_follows_the_design(model_type, sinks, sink_horizon):
+    """With a sink horizon of 20, the 30 tokens' queries read the sinks where they lie, then from 20."""
+    model = tiny_model(model_type, sinks=sinks, sink_horizon=sink_horizon)
     attn = model.layers[0].self_attn
     x = mx.random.normal((2, 30, TINY["hidden_size"]))
-    assert mx.allclose(attn(x), reference_liger(attn, x, window=8, sinks=sinks), atol=1e-4).item()
+    assert mx.allclose(attn(x), reference_liger(attn, x, window=8, sinks=sinks, sink_horizon=sink_horizon), atol=1e-4).item()
 
 
 @pytest.mark.parametrize("model_type,sinks", [("llama", 0), ("qwen3", 2)])
@@ -136,9 +137,11 @@ SUPRA_MIXED = {"method": "supra", "options": {"mix": 0.5}}
     ("llama", 0, 0, {"method": "supra"}), ("qwen3", 2, 2, SUPRA_MIXED),
     ("qwen3", 2, 2, {"method": "liger-hgrn2"}), ("llama", 0, 2, {"method": "liger-gsa"}),
     ("qwen3", 2, 0, {"method": "liger-gsa", "options": {"slots": 6}}),
+    ("llama", 0, 2, {"sink_horizon": 25}), ("qwen3", 0, 3, {"method": "lolcats", "sink_horizon": 30}),
 ])
 def test_prefill_pieces_then_decode_equals_full_forward(model_type, full_attention_every, sinks, method):
-    """Window 8: pieces of 5, 9 and 1 then decode cross the window boundary several times."""
+    """Window 8: pieces of 5, 9 and 1 then decode cross the window boundary several times (and a
+    sink horizon: decode steps read the sinks where they lie, then from it)."""
     model = tiny_model(model_type, full_attention_every=full_attention_every, sinks=sinks, **method)
     assert_pieces_match_one_forward(model, ([5, 9, 1, 12], [9, 3, 1, 10]))  # a piece starting in the window, past it
 
@@ -186,20 +189,26 @@ def test_prompt_cache_file_round_trip(tmp_path, method):
 
 
 @pytest.mark.parametrize("sinks,method", [(0, {}), (2, {}), (2, {"method": "lolcats"}), (2, {"method": "lola"}), (2, SUPRA_MIXED),
-                                         (2, {"method": "liger-hgrn2"}), (0, {"method": "liger-gsa"})])
+                                         (2, {"method": "liger-hgrn2"}), (0, {"method": "liger-gsa"}),
+                                         (2, {"sink_horizon": 60}), (2, {"method": "lola", "sink_horizon": 60})])
 def test_window_branch_ignores_the_absolute_position(sinks, method):
     """State off, every layer reads only its sinks and its window, so the last logits depend on
     the sinks' tokens and the last (layers x window) tokens, not on how far back the sinks are:
-    a query never sits further from the sinks than it did at position window + sinks - 1."""
+    a query never sits further from the sinks than it did at the sink horizon (by default
+    window + sinks - 1). Before a horizon of 60 they are read where they lie: the logits differ."""
     model = tiny_model(sinks=sinks, **method)
     model.use_state(False)
     head, tail = mx.random.randint(0, TINY["vocab_size"], (1, sinks)), mx.random.randint(0, TINY["vocab_size"], (1, 20))
+    if method.get("sink_horizon"):
+        nearer = model(mx.concatenate([head, mx.random.randint(0, TINY["vocab_size"], (1, 10)), tail], axis=1))[:, -1]
     last = []
-    for filler in (30, 3000):
+    for filler in (60, 3000):
         middle = mx.random.randint(0, TINY["vocab_size"], (1, filler))
         _, cache = incremental(model, mx.concatenate([head, middle, tail[:, :-1]], axis=1), [filler + sinks + 18])
         last.append(model(tail[:, -1:], cache=cache))
     assert mx.allclose(last[0], last[1], atol=1e-4).item()
+    if method.get("sink_horizon"):
+        assert not mx.allclose(nearer, last[0][:, -1], atol=1e-3).item()
     model.use_state(True)
     with_state = incremental(model, mx.concatenate([head, tail], axis=1), [sinks + 19])[0][:, -1]
     assert not mx.allclose(with_state, last[0][:, -1], atol=1e-3).item()  # the switch switches something

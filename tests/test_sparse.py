@@ -16,8 +16,8 @@ from test_lolcats import lolcats_model
 WINDOW = 8  # the tiny models' window, and so the block
 
 
-def sparse_model(slots=3, sinks=0, seed=0, **options):
-    return lolcats_model(sinks=sinks, method="lola", seed=seed, slots=slots, **options)
+def sparse_model(slots=3, sinks=0, seed=0, sink_horizon=0, **options):
+    return lolcats_model(sinks=sinks, method="lola", seed=seed, sink_horizon=sink_horizon, slots=slots, **options)
 
 
 def distinct_tokens(batch, length, seed=1):
@@ -27,7 +27,7 @@ def distinct_tokens(batch, length, seed=1):
 
 
 def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True, horizon=2048, cache_half_life=0.0, cache_span=64,
-              cache_unique=0.0, long_slots=0):
+              cache_unique=0.0, long_slots=0, sinks_in_state=True, sink_horizon=0):
     """Token by token. At the start of block b (t = bC, C = W) the cache and the keys of block
     b - 2 (sinks aside) are ranked by || phi(k) S / phi(k) z - v ||^2 summed over the query heads
     of their KV head, S and z as they were; the `slots` largest stay (equal scores: the older),
@@ -39,7 +39,8 @@ def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True, horizon=2
     (horizon 0: none), but for the `long_slots` best ranked of them. With `cache_half_life`, a key's
     error is ranked times 2^(-(t - s) / it).
     With `cache_unique`, a key whose key and value cosines with a better-ranked key's both exceed
-    it, one of the two from block b - 2, joins the state."""
+    it, one of the two from block b - 2, joins the state. Sinks join it only with `sinks_in_state`,
+    and are read from min(t, sink_horizon) (0: W + sinks - 1)."""
     B, L, _ = x.shape
     H, Hkv, m, W = attn.n_heads, attn.n_kv_heads, attn.method, WINDOW
     R = H // Hkv
@@ -90,13 +91,14 @@ def reference(attn, x, slots, sinks=0, half_life=0.0, after_rope=True, horizon=2
                     expired = expired + [s for s in ranked if s < oldest][long_slots:]
                     ranked = [s for s in ranked if s not in expired]
                     cache = sorted(ranked[:slots])
-                    state += expired + copies + ranked[slots:] + list(range(max(0, t - 2 * W), min(sinks, t - W)))  # sinks too
+                    sinks_left = list(range(max(0, t - 2 * W), min(sinks, t - W))) if sinks_in_state else []
+                    state += expired + copies + ranked[slots:] + sinks_left
                 block_start = t - t % W
                 pending = [s for s in range(block_start - W, t - W + 1) if s >= max(sinks, 0)]
                 recent = list(range(max(0, t - W + 1), t + 1))
                 old_sinks = [u for u in range(min(sinks, t + 1)) if u not in recent]
                 for h in heads:
-                    q_sink = attn.rope(q[b, h, t][None, None, None], offset=min(t, W + sinks - 1))[0, 0, 0]
+                    q_sink = attn.rope(q[b, h, t][None, None, None], offset=min(t, sink_horizon or W + sinks - 1))[0, 0, 0]
                     window = [(q_sink * kr[b, j, u]).sum() for u in old_sinks] + [(qr[b, h, t] * kr[b, j, u]).sum() for u in recent]
                     top = (mx.stack(window) * scale).max()
                     terms = [(mx.exp(s * scale - top), u) for s, u in zip(window, old_sinks + recent)]
@@ -133,6 +135,14 @@ def test_follows_the_reference(slots, sinks, options):
     assert mx.allclose(attn(x), reference(attn, x, slots, sinks, **options), atol=1e-4).item()
 
 
+@pytest.mark.parametrize("sinks_in_state,sink_horizon", [(False, 0), (True, 30), (False, 30)])
+def test_follows_the_reference_with_the_sinks_out_of_the_state_or_where_they_lie(sinks_in_state, sink_horizon):
+    attn = sparse_model(2, 2, sink_horizon=sink_horizon, sinks_in_state=sinks_in_state, half_life=6.0).layers[0].self_attn
+    x = layer_input(attn, 41)
+    expected = reference(attn, x, 2, 2, half_life=6.0, sinks_in_state=sinks_in_state, sink_horizon=sink_horizon)
+    assert mx.allclose(attn(x), expected, atol=1e-4).item()
+
+
 def test_follows_the_reference_without_rotary_tables():
     """A RoPE that the tables do not serve (partial rotary, dynamic scaling) is called itself:
     the cache's slots each at their own position too."""
@@ -159,7 +169,8 @@ def test_gradients_follow_the_reference():
 
 
 @pytest.mark.parametrize("sinks,options", [(0, {}), (2, {"half_life": 6.0, "after_rope": False}),
-                                           (1, {"horizon": 0, "cache_half_life": 10.0})])
+                                           (1, {"horizon": 0, "cache_half_life": 10.0}),
+                                           (2, {"sink_horizon": 40, "sinks_in_state": False})])
 def test_prefill_pieces_then_decode_equals_full_forward(sinks, options):
     model = sparse_model(3, sinks, **options)
     tokens = distinct_tokens(2, 60)

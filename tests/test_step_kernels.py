@@ -16,6 +16,8 @@ CHAT = {"sinks": 2, "options": {"normalize": True, "mix": 0.1, "learned_mix": Tr
 WIDE = {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 64, "rope_traditional": True}
 LOLA = {"method": "lola", "sinks": 2, "options": {"slots": 3}}
 LOLA_CHAT = {"method": "lola", "sinks": 2, "options": {"slots": 3, "half_life": 6.0, "after_rope": False}}
+# The sinks read where they lie up to position 30 (a rotation a step), kept out of the state.
+LOLA_SINKS = {**LOLA_CHAT, "sink_horizon": 30, "options": {**LOLA_CHAT["options"], "sinks_in_state": False}}
 
 
 @pytest.fixture
@@ -54,13 +56,13 @@ def assert_same_step(model, fused, **options):
 
 
 @pytest.mark.parametrize("arch,recipe,batch", [("llama", {}, 1), ("qwen3", CHAT, 2), ("llama", {"sinks": 3}, 2),
-                                                ("llama", {"shape": WIDE, **CHAT}, 1)])
+                                                ("llama", {"shape": WIDE, **CHAT}, 1), ("qwen3", {**CHAT, "sink_horizon": 30}, 2)])
 def test_liger_step_kernel_equals_the_ops_step(fused, arch, recipe, batch):
     assert_same_step(tiny_model(arch, **recipe), fused, batch=batch)
 
 
 @pytest.mark.parametrize("recipe,prompt,batch", [(LOLA, 13, 1), (LOLA_CHAT, 21, 2), (LOLA_CHAT, 24, 1),
-                                                 ({"shape": WIDE, **LOLA_CHAT}, 29, 1)])
+                                                 ({"shape": WIDE, **LOLA_CHAT}, 29, 1), (LOLA_SINKS, 21, 2), (LOLA_SINKS, 40, 1)])
 def test_lola_step_kernel_equals_the_ops_step(fused, recipe, prompt, batch):
     """Between boundaries and at one (24: the block's shift, then the kernel), the cache partly
     filled, GQA groups of 2 and 4, head dims of 16 and 64."""
@@ -117,7 +119,7 @@ LONG = {**LOLA_CHAT, "options": {**UNIQUE["options"], "horizon": 12, "long_slots
 
 @pytest.mark.parametrize("recipe,length", [(LOLA, 40), (LOLA_CHAT, 45), (HORIZON, 60),
                                            ({**LOLA, "options": {"slots": 12, "horizon": 12}}, 48), ({"shape": WIDE, **LOLA_CHAT}, 37),
-                                           (UNIQUE, 50), ({"shape": WIDE, **UNIQUE}, 45), (LONG, 60)])
+                                           (UNIQUE, 50), ({"shape": WIDE, **UNIQUE}, 45), (LONG, 60), (LOLA_SINKS, 45)])
 def test_lola_boundary_kernel_equals_the_ops(fused, recipe, length):
     """A prefill crossing several block boundaries: the cache filling, full, past a horizon (fewer
     eligible keys than slots: the cache's keys past it stay in their slots as zeros and enter the state)."""

@@ -49,7 +49,7 @@ class LinearMethod(nn.Module):
         the token's key and value into `cache` (decode.StepCache), the window's ring buffer."""
         cache.write(rope(k), v)
         linear, state = self(q, k, v, rope, cache.state)
-        queries = rope.rows(q, attention.step_positions())
+        queries = rope.rows(q, attention.step_positions(cache))
         window, mass = attention_step(queries, cache.keys, cache.values, attention.scale, attention.sinks, self.needs_window_mass)
         return self.mix(linear, window, mass), state
 

@@ -1,13 +1,12 @@
 """LoLA (arXiv 2505.23666): LoLCATs with a sparse cache. Of the keys and values that have left
 the window, the `slots` per KV head that the linear state recalls worst (by self-recall error,
 || phi(k) S / phi(k) z - v ||^2) are kept exact and attended beside the window, under LoLCATs'
-shared denominator; the rest enter S and z. The cache has a fixed size and is read in the order
-of positions, as a compact past just beyond the window. A key more than `horizon` tokens back
-leaves it (stale keys, read as recent, pile up in long streams) unless it is among the
-`long_slots` best ranked of those (a needle outlives the horizon); `cache_half_life` decays a
-key's rank with its age; with `cache_unique` (a cosine), a key with a better-ranked copy leaves
-(repeated text would fill the cache with copies). An inference-time change: a LoLCATs adapter
-loads as it is, LoLCATs' options apply. The math, its state and its blocks are in sparse.py.
+shared denominator; the rest enter S and z (the sinks only with `sinks_in_state`: the window reads
+them). The cache has a fixed size, read in the order of positions just beyond the window. A key
+more than `horizon` tokens back leaves it (stale keys pile up in long streams) unless among the
+`long_slots` best ranked of those; `cache_half_life` decays a key's rank with its age; with
+`cache_unique` (a cosine), a key with a better-ranked copy leaves. An inference-time change: a
+LoLCATs adapter loads as it is. The math, its state and its blocks are in sparse.py.
 """
 
 import math
@@ -26,7 +25,7 @@ class LoLA(LoLCATs):
     state_size = 8  # S; the last two blocks' raw keys, values, features; the cache's, and its positions
 
     def __init__(self, attention, slots=64, horizon=2048, long_slots=0, cache_half_life=0.0, cache_span=64, cache_unique=0.0,
-                 **options):
+                 sinks_in_state=True, **options):
         super().__init__(attention, **options)
         self.check_options((slots in range(1, 4097), f"slots={slots}: give a whole number of cached keys per KV head, 1 to 4096"),
                            (horizon in range(1 << 31), f"horizon={horizon}: give a whole number of tokens (0: none)"),
@@ -34,11 +33,13 @@ class LoLA(LoLCATs):
                             f"long_slots={long_slots}: give a whole number of slots, 0 to slots ({slots})"),
                            (cache_half_life >= 0, f"cache_half_life={cache_half_life}: give a number of tokens (0: none)"),
                            (cache_span in range(4097), f"cache_span={cache_span}: give a whole number of positions, 0 to 4096"),
-                           (0 <= cache_unique < 1, f"cache_unique={cache_unique}: give a cosine, 0 (off) to below 1"))
+                           (0 <= cache_unique < 1, f"cache_unique={cache_unique}: give a cosine, 0 (off) to below 1"),
+                           (isinstance(sinks_in_state, bool), f"sinks_in_state={sinks_in_state}: give true or false"))
         self.slots, self.horizon, self.scale, self.sinks = int(slots), int(horizon), attention.scale, attention.sinks
         self.long_slots = int(long_slots)  # of the keys past the horizon, the best ranked few may stay
         self.age_decay = -math.log(2) / cache_half_life if cache_half_life else 0.0  # rank halves per half-life of age
         self.unique = float(cache_unique)  # a key with a better-ranked copy (both cosines above it) leaves
+        self.sinks_in_state = sinks_in_state  # False: the window alone reads the sinks
         # The cache in order over cache_span positions (slot j at j span / slots), read from 2C + span.
         self.cache_span = int(cache_span)
         self.slot_rows = np.arange(self.slots) * self.cache_span // self.slots
@@ -48,7 +49,7 @@ class LoLA(LoLCATs):
     @property
     def cache_rule(self):
         """sparse.boundary's arguments after the start: how the cache is chosen."""
-        return self.sinks, self.log_decay, self.horizon, self.age_decay, self.unique, self.long_slots
+        return self.sinks, self.log_decay, self.horizon, self.age_decay, self.unique, self.long_slots, self.sinks_in_state
 
     def step_kind(self, offset):
         return offset % self.window == 0  # a block boundary (choosing the cache) is a step of its own
