@@ -56,8 +56,8 @@ class Rope:
         return self.tables.fixed[at : at + length] if at + length <= self.tables.size else None
 
     def fixed(self, x, at):
-        if self.tables is not None and at < self.tables.size:
-            return self.tables.fixed[at].rotate(x)
+        if self.tables is not None:
+            return self.tables.row(at).rotate(x)
         return self.rope(x[..., None, :], offset=at)[..., 0, :]
 
     def along(self, x, positions):
@@ -174,7 +174,7 @@ class LinearizedAttention(nn.Module):
         cache.start_steps(self.method, rows)
         offset, slot = cache.positions(rows)
         rotation = self.rotary.at(offset) if self.rotary is not None else None
-        step = StepCache(*cache.rows_of(rows), offset, slot, rotation, sink_rotation=self.sink_rotation(offset))
+        step = StepCache(*cache.rows_of(rows), offset, slot, rotation, sink_rotation=self.sink_rotation(offset, rotation))
         out = self.decode_step(x, step)
         cache.put_rows(rows, step.state, step.keys, step.values)
         return out
@@ -202,14 +202,17 @@ class LinearizedAttention(nn.Module):
         StreamingLLM's, as if they lay just before its window. Before it, their true distance."""
         return self.sink_horizon or self.window + self.sinks - 1
 
-    def sink_rotation(self, offset):
-        """A decode step's rotation of its sink query, at min(offset, sink_row): a constant where
-        every step lies past the sink row (decoding starts with the ring full), else one a step."""
+    def sink_rotation(self, offset, rotation):
+        """A decode step's rotation of its sink query, at min(offset, sink_row): the row's (a
+        constant) where every step lies past it (decoding starts with the ring full), else the
+        step's own `rotation` before it, chosen once a step for every layer."""
         if not self.sinks or self.rotary is None:
             return None
+        row = self.rotary.row(self.sink_row)
         if self.sink_row < self.window + self.sinks:
-            return self.rotary.fixed[self.sink_row]
-        return self.rotary.at(mx.minimum(offset, self.sink_row))
+            return row
+        before = (offset <= self.sink_row).reshape(rotation.multipliers.shape[:-2] + (1, 1))
+        return Rotation(mx.where(before, rotation.multipliers, row.multipliers), rotation.traditional)
 
     def step_positions(self, cache):
         """Where a decode step rotates its query: its own position, and the sinks' (the step's

@@ -83,7 +83,7 @@ def run_step(model, tokens, offset, slot, arrays, kind=None):
     """The step's function (compiled by step_function): the step's RoPE once for every layer."""
     attention = model.layers[0].self_attn  # every layer's RoPE and sinks are the same
     rotation = attention.rotary.at(offset) if attention.rotary is not None else None
-    sinks = attention.sink_rotation(offset)
+    sinks = attention.sink_rotation(offset, rotation)
     caches = [StepCache(state, keys, values, offset, slot, rotation, kind, sinks) for state, keys, values in arrays]
     logits = model(tokens, cache=caches)
     return logits, [(c.state, c.keys, c.values) for c in caches]

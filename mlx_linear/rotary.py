@@ -85,7 +85,17 @@ class RotaryTables:
         rotated = self.rope(mx.broadcast_to(self.probe, (size, 1, 1, head_dim)), offset=mx.arange(size))
         self.fixed = Rotation(multipliers(rotated[:, 0, 0], self.traditional), self.traditional)
         mx.eval(self.fixed.multipliers, self.probe)
-        self.gathered = {}
+        self.gathered, self.beyond = {}, {}
+
+    def row(self, position):
+        """The rotation at one fixed position (an int): the table's row, or beyond the table one
+        computed once (a sink horizon far past the window)."""
+        if position < self.size:
+            return self.fixed[position]
+        if position not in self.beyond:
+            self.beyond[position] = self.at(position)
+            mx.eval(self.beyond[position].multipliers)
+        return self.beyond[position]
 
     def along(self, positions):
         """The rotation of rows at fixed `positions` (ints, numpy), gathered once: a constant of a
