@@ -205,9 +205,10 @@ class LinearizedAttention(nn.Module):
     def sink_rotation(self, offset, rotation):
         """A decode step's rotation of its sink query, at min(offset, sink_row): the row's (a
         constant) where every step lies past it (decoding starts with the ring full), else the
-        step's own `rotation` before it, chosen once a step for every layer."""
+        step's own `rotation` before it, chosen once a step for every layer. Without sinks, the
+        step's own (what the fused kernels take for their unused sink row)."""
         if not self.sinks or self.rotary is None:
-            return None
+            return rotation
         row = self.rotary.row(self.sink_row)
         if self.sink_row < self.window + self.sinks:
             return row

@@ -215,7 +215,7 @@ def exact_keys(method, attention, rope, cache, buffered, state, o, r):
     C, ring, kept_at = method.window, cache.keys.shape[2], state[7]
     keys = mx.concatenate([cache.keys.astype(mx.float32), rope(buffered[0][:, :, :C], 0), rope.along(state[4], method.slot_rows)], axis=2)
     values = mx.concatenate([cache.values.astype(mx.float32), buffered[1][:, :, :C], state[5]], axis=2)
-    rows = 1 + bool(attention.sinks)  # the query rows before the pending block's: its own, the sinks'
+    rows = len(attention.step_positions(cache))
     spans = ([(1, 0, method.sinks)] if method.sinks else []) + [(rows, ring, ring + C), (rows + 1, ring + C, keys.shape[2])]
     column = np.arange(C)
     pending = (mx.array(column) <= r) & (o - r - C + mx.array(column.astype(np.float32)) >= method.sinks)

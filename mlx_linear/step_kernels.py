@@ -102,7 +102,7 @@ def liger_step(method, attention, q, k, v, rope, cache, eps):
     mix = method.mix_weight()
     mix = mix.reshape(H) if isinstance(mix, mx.array) else mx.array(np.full(H, mix, np.float32))
     sinks = attention.sinks
-    sink_rot = (cache.sink_rotation if sinks else cache.rotation).multipliers
+    sink_rot = cache.sink_rotation.multipliers
     y, state, cache.keys, cache.values = kernel(
         inputs=[q, qf, k, kf, v, cache.keys, cache.values, state, cache.rotation.multipliers, sink_rot, mix,
                 cache.slot.reshape(1), scalar(attention.scale), scalar(1 / method.gate_normalizer), scalar(eps)],
@@ -128,11 +128,10 @@ def lola_step(method, attention, q, k, v, rope, state, cache):
     if kernel is None or cache.rotation is None or 4 * floats > THREADGROUP_BYTES:
         return None
     S, block_keys, block_values, block_features, cache_keys, cache_values, _, positions = state
-    sink_rotation = cache.sink_rotation if method.sinks else cache.rotation
     outputs = kernel(
         inputs=[x.reshape(B, x.shape[1], -1) for x in (q, k, v)] + [method.q_map, method.k_map, cache.keys, cache.values,
                 block_keys, block_values, block_features, S, cache_keys, cache_values, positions, cache.rotation.multipliers,
-                sink_rotation.multipliers, rope.tables.fixed.multipliers, mx.sigmoid(method.window_logit).reshape(H),
+                cache.sink_rotation.multipliers, rope.tables.fixed.multipliers, mx.sigmoid(method.window_logit).reshape(H),
                 cache.offset.reshape(1), cache.slot.reshape(1), scalar(method.scale), scalar(method.log_decay)],
         template=[("Dk", d), ("F", 2 * f), ("FH", f), ("N", N), ("C", C), ("SLOTS", slots), ("SPAN", method.cache_span),
                   ("R", R), ("HKV", Hkv), ("S", method.sinks), ("NSG", SIMDGROUPS), ("TRADITIONAL", rope.tables.traditional),
