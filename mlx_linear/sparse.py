@@ -193,8 +193,9 @@ def step_ops(method, attention, q, k, v, rope, cache, state):
     cache.write(rope(k), v)
     q_features, k_features, _ = method.feature_maps(q, k, v, rope)
     buffered = [write_at(old, new, C + r) for old, new in zip(state[1:4], (k, v.astype(mx.float32), k_features))]
-    keys, values, spans, visible = exact_keys(method, attention, rope, cache, buffered, state, o, r)
-    queries = rope.rows(q, attention.step_positions(cache) + [C + r, method.far_row])
+    positions = attention.step_positions(cache)
+    keys, values, spans, visible = exact_keys(method, len(positions), rope, cache, buffered, state, o, r)
+    queries = rope.rows(q, positions + [C + r, method.far_row])
     scores = mx.where(visible[:, :, None, None], step_scores(queries, keys, method.scale, spans), -mx.inf)
     in_window = mx.array(np.arange(keys.shape[2]) < cache.keys.shape[2])
     top, both = mx.where(in_window, scores, -mx.inf).max(-1, keepdims=True), scores.max(-1, keepdims=True)
@@ -208,14 +209,14 @@ def step_ops(method, attention, q, k, v, rope, cache, state):
     return out, [state[0], *buffered, *state[4:]]
 
 
-def exact_keys(method, attention, rope, cache, buffered, state, o, r):
+def exact_keys(method, rows, rope, cache, buffered, state, o, r):
     """The keys and values a decode step attends exactly: the ring (sinks first), the pending
-    block (rotated to its rows) and the cache; the query row that scores each span; and which
-    keys are visible (the pending block's up to row r, past the sinks; the cache's filled slots)."""
+    block (rotated to its rows) and the cache; the query row that scores each span (`rows`: the
+    step's own query rows, before the pending block's); and which keys are visible (the pending
+    block's up to row r, past the sinks; the cache's filled slots)."""
     C, ring, kept_at = method.window, cache.keys.shape[2], state[7]
     keys = mx.concatenate([cache.keys.astype(mx.float32), rope(buffered[0][:, :, :C], 0), rope.along(state[4], method.slot_rows)], axis=2)
     values = mx.concatenate([cache.values.astype(mx.float32), buffered[1][:, :, :C], state[5]], axis=2)
-    rows = len(attention.step_positions(cache))
     spans = ([(1, 0, method.sinks)] if method.sinks else []) + [(rows, ring, ring + C), (rows + 1, ring + C, keys.shape[2])]
     column = np.arange(C)
     pending = (mx.array(column) <= r) & (o - r - C + mx.array(column.astype(np.float32)) >= method.sinks)
