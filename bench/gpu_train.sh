@@ -45,10 +45,10 @@ fi
 run=$out/run
 resume=(); [ -f "$run/state.json" ] && resume=(--resume)  # a second call on the same machine goes on
 python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())" | tee "$out/device.txt"
-timeout -s INT "$seconds" mlx_linear lora-train --model "$model" --init-adapter "$adapter" \
+timeout -s INT "$seconds" python3 -m mlx_linear lora-train --model "$model" --init-adapter "$adapter" \
   --data "$(find_data wikipedia_en_000.jsonl)" --data "$(find_data gutenberg_en_000.jsonl)" \
   --data "$(find_data sft_messages.jsonl)" --data-weights 0.35,0.35,0.3 --distill --ce-weight 0.5 \
-  --learning-rate 5e-4 --method-lr 5e-4 --val-every 10 "${size[@]}" "${resume[@]}" -o "$run" 2>&1 | tee "$out/train.log"
+  --learning-rate 5e-4 --method-lr 5e-4 --val-every 10 --grad-checkpoint "${size[@]}" "${resume[@]}" -o "$run" 2>&1 | tee "$out/train.log"
 # the last weights, as an adapter folder with the conversion they were trained through
 mkdir -p "$out/last" && cp "$run/adapter_config.json" "$out/conversion.json" "$out/last/" &&
   cp "$run/last.safetensors" "$out/last/adapters.safetensors" || exit 1
@@ -56,6 +56,6 @@ export MLX_ENABLE_TF32=0
 timeout 150 python3 bench/needle_cache.py --task niah_multikey --lengths $lengths --documents $documents \
   --adapter "$out/last" --rules shipped --original-up-to 4096 --name gpu_train_multikey 2>&1 | tail -8 | tee "$out/multikey.log"
 cp bench/results/gpu_train_multikey.json "$out/" 2>/dev/null
-timeout 90 mlx_linear eval --model "$model" --adapter "$out/last" --baseline "$original" --tasks wikitext2 \
+timeout 90 python3 -m mlx_linear eval --model "$model" --adapter "$out/last" --baseline "$original" --tasks wikitext2 \
   "${wikitext[@]}" --data-dir $data -o "$out/wikitext2.json" 2>&1 | tail -8 | tee "$out/wikitext2.log"
 echo "done: $(ls "$out")"
